@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 stamp=.venv/.qwenvl_setup_stamp
-want="$(cat setup.py tools/setup_env.sh csrc/*.cpp 2>/dev/null | sha1sum | cut -d' ' -f1)"
+want="$( (cat setup.py pyproject.toml tools/setup_env.sh; cat csrc/*.cpp csrc/*.h 2>/dev/null || true) | sha1sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing dependencies into .venv (CPU torch pinned first so no CUDA build is pulled)"
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
