@@ -1,0 +1,83 @@
+"""The Qwen-7B language model on megatron-core: embedding, decoder stack, untied LM head, loss.
+
+Pipeline-aware through `pre_process` (holds the embedding) and `post_process` (final norm, head, loss).
+The vocabulary is padded for tensor parallelism (megatron's rule); the padded logits are masked to the
+lowest float so the softmax, the loss and anything a user sees equal the unpadded model's.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from .config import LLMConfig
+from .parallel import padded_vocab_size
+
+IGNORE_INDEX = -100
+
+
+class QwenLanguageModel(MegatronModule):
+    def __init__(self, llm: LLMConfig, config: TransformerConfig, layer_spec: ModuleSpec,
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__(config=config)
+        self.llm = llm
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vocab_size = llm.vocab_size
+        self.padded_vocab_size = padded_vocab_size(llm.vocab_size, config.tensor_model_parallel_size)
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(config, vocab_size=self.padded_vocab_size,
+                                                    max_sequence_length=llm.max_position_embeddings,
+                                                    position_embedding_type="rope")
+        self.rotary_pos_emb = RotaryEmbedding(kv_channels=llm.kv_channels, rotary_percent=1.0,
+                                              rotary_interleaved=False, rotary_base=llm.rotary_base,
+                                              use_cpu_initialization=True)
+        self.decoder = TransformerBlock(config, layer_spec, pre_process=pre_process, post_process=post_process)
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, self.padded_vocab_size, config=config, init_method=config.init_method,
+                bias=False, skip_bias_add=False, gather_output=False)
+
+    def set_input_tensor(self, tensor):
+        self.decoder.set_input_tensor(tensor)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[b, s] ids -> [s, b, h] word embeddings (full sequence; sequence-parallel scatter comes later)."""
+        return self.embedding.word_embeddings(input_ids).transpose(0, 1).contiguous()
+
+    def forward(self, decoder_input: torch.Tensor | None, seq_length: int,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """decoder_input [s, b, h] on the first stage (None elsewhere: the pipeline supplies it).
+
+        Returns on the last stage the per-token loss [b, s] (0 where targets == -100) when targets are
+        given, else logits [b, s, vocab] (unpadded, gathered over TP); elsewhere the hidden states.
+        """
+        if decoder_input is not None and self.config.sequence_parallel:
+            decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        rotary = self.rotary_pos_emb(seq_length)
+        hidden = self.decoder(decoder_input, attention_mask=None, rotary_pos_emb=rotary)
+        if not self.post_process:
+            return hidden
+        logits, _ = self.output_layer(hidden)  # [s, b, v/tp]
+        logits = self._mask_padded_vocab(logits)
+        if targets is None:
+            full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+            return full[..., : self.vocab_size].transpose(0, 1).contiguous()
+        t = targets.transpose(0, 1)
+        ignore = t == IGNORE_INDEX
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), t.masked_fill(ignore, 0))
+        return loss.masked_fill(ignore, 0.0).transpose(0, 1).contiguous()
+
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.padded_vocab_size == self.vocab_size:
+            return logits
+        per_rank = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * per_rank
+        if start + per_rank <= self.vocab_size:
+            return logits
+        col = torch.arange(start, start + per_rank, device=logits.device)
+        return logits.masked_fill(col >= self.vocab_size, torch.finfo(logits.dtype).min)

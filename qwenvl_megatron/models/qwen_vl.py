@@ -1,0 +1,95 @@
+"""Qwen-VL: ViT -> adapter -> image embeddings spliced into the token embeddings -> Qwen LLM.
+
+Pipeline layout: the first stage holds the ViT, the adapter and the token embedding (plus its share of
+decoder layers); later stages hold decoder layers only; the last also holds the head and the loss.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from ..runtime.layer_impl import backend_provider
+from .adapter import VisionLanguageAdapter
+from .config import QwenVLConfig
+from .language import QwenLanguageModel
+from .parallel import ParallelPlan
+from .specs import adapter_spec, transformer_layer_spec
+from .vision import VisionTransformer
+
+
+class ImageSpanError(ValueError):
+    """The token sequence and the images do not fit together."""
+
+
+def splice_image_features(embeddings: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,
+                          image_start_id: int, image_end_id: int) -> torch.Tensor:
+    """Return a copy of `embeddings` [s, b, h] whose `Q` rows after each `<img>` are the image features
+    [n, Q, h] in order (row-major over the batch). `<img>`/`</img>` keep their own embeddings.
+
+    Out of place: writing into the embedding output in place would alias the embedding table's graph.
+    """
+    n, q, h = features.shape
+    b_idx, starts = (input_ids == image_start_id).nonzero(as_tuple=True)  # row-major order
+    if starts.numel() != n:
+        raise ImageSpanError(f"{starts.numel()} <img> spans in the batch but {n} images were given")
+    if n == 0:
+        return embeddings
+    seq = input_ids.shape[1]
+    ends = starts + q + 1
+    if (ends >= seq).any() or (input_ids[b_idx, ends.clamp(max=seq - 1)] != image_end_id).any():
+        raise ImageSpanError(f"every <img> must be followed by exactly {q} image positions and </img> "
+                             f"(the adapter's query count, --num-image-tokens)")
+    pos = starts.unsqueeze(1) + 1 + torch.arange(q, device=starts.device)  # [n, Q]
+    flat_rows = (pos * input_ids.shape[0] + b_idx.unsqueeze(1)).reshape(-1)  # row index in [s*b, h]
+    flat = embeddings.reshape(-1, h).index_put((flat_rows,), features.reshape(-1, h).to(embeddings.dtype))
+    return flat.reshape(embeddings.shape)
+
+
+class QwenVLModel(MegatronModule):
+    def __init__(self, cfg: QwenVLConfig, plan: ParallelPlan, pre_process: bool = True,
+                 post_process: bool = True):
+        plan.validate(cfg)
+        llm_config = plan.llm_config(cfg)
+        super().__init__(config=llm_config)
+        self.cfg, self.plan = cfg, plan
+        self.pre_process, self.post_process = pre_process, post_process
+        backend = backend_provider(plan.impl)
+        if pre_process:
+            vit_config = plan.vit_config(cfg)
+            self.vision = VisionTransformer(cfg.vit, vit_config, transformer_layer_spec(backend, rms_norm=False, causal=False),
+                                            backend.layer_norm(rms_norm=False, for_qk=False))
+            self.adapter = VisionLanguageAdapter(cfg.adapter, cfg.vit.width, plan.adapter_config(cfg),
+                                                 adapter_spec(backend), recompute="adapter" in plan.recompute)
+        self.language = QwenLanguageModel(cfg.llm, llm_config, transformer_layer_spec(backend, rms_norm=True, causal=True),
+                                          pre_process=pre_process, post_process=post_process)
+
+    def set_input_tensor(self, tensor):
+        if isinstance(tensor, (list, tuple)):
+            tensor = tensor[0]
+        self.language.set_input_tensor(tensor)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> [n, Q, hidden]"""
+        return self.adapter(self.vision(images))
+
+    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [b, s]; images [n, 3, H, W] for the n `<img>` spans (row-major); targets [b, s] the
+        next-token ids (-100: no loss). See QwenLanguageModel.forward for what comes back."""
+        decoder_input = None
+        if self.pre_process:
+            emb = self.language.embed_tokens(input_ids)
+            if images is not None and images.shape[0] > 0:
+                emb = splice_image_features(emb, input_ids, self.encode_images(images),
+                                            self.cfg.image_start_id, self.cfg.image_end_id)
+            else:
+                if (input_ids == self.cfg.image_start_id).any():
+                    raise ImageSpanError("the batch has <img> spans but no images were given")
+                if torch.is_grad_enabled() and self.training:
+                    # Text-only batch: keep the vision parameters in the graph (zero-weighted) so every
+                    # data-parallel rank produces the same set of gradients.
+                    size = self.cfg.vit.patch_size * self.cfg.adapter.grid
+                    dummy = torch.zeros(1, 3, size, size, dtype=emb.dtype, device=emb.device)
+                    emb = emb + 0.0 * self.encode_images(dummy).sum()
+            decoder_input = emb
+        return self.language(decoder_input, input_ids.shape[1], targets)

@@ -1,0 +1,139 @@
+"""Lets megatron-core 0.16 run on a machine without CUDA (gloo backend, fp32).
+
+megatron-core assumes a GPU in a handful of places: it allocates small tensors with `device="cuda"`
+(schedules, optimizer, grad clipping, DDP), calls `torch.cuda.current_device()` for buffers,
+`torch.cuda.synchronize()` around communication and checkpoint saves, checks
+`param.type() == "torch.cuda.FloatTensor"` in its optimizers, and keeps its tensor-parallel RNG streams
+in CUDA generators. This module answers all of those with the CPU, and is the only place that does.
+
+It is a no-op when CUDA is available, so the same program runs unchanged on GPUs with NCCL.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_lock = threading.Lock()
+_mode: TorchFunctionMode | None = None
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Maps every request for a CUDA tensor to the CPU and reports CPU float tensors under the CUDA type
+    name that megatron's optimizer assertions look for."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
+        return func(*args, **kwargs)
+
+
+class CpuRNGStatesTracker:
+    """megatron's named RNG streams (model-parallel, data-parallel, expert) kept as CPU generator states.
+
+    `fork(name)` swaps the named state into the CPU default generator for the duration of the block, which
+    is what megatron's CUDA tracker does with the CUDA generator. Used for TP-aware init and recompute.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+        self.states_[name] = gen.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _patch_rng():
+    import megatron.core.tensor_parallel.random as mrandom
+
+    tracker = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER = tracker
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # `initialize_rng_tracker(force_reset=True)` would rebuild a CUDA tracker; keep ours instead.
+    original_init = mrandom.initialize_rng_tracker
+
+    def initialize_rng_tracker(*args, force_reset=False, **kwargs):
+        if force_reset:
+            tracker.reset()
+        mrandom._CUDA_RNG_STATE_TRACKER = tracker
+        mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    initialize_rng_tracker.__wrapped__ = original_init
+    mrandom.initialize_rng_tracker = initialize_rng_tracker
+    # Activation recompute saves and restores the "device" RNG: on CPU that is the default generator.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def is_active() -> bool:
+    return _mode is not None
+
+
+def enable_cpu_compat() -> bool:
+    """Install the CPU answers to megatron-core's CUDA assumptions. Returns True if it did anything."""
+    global _mode
+    if torch.cuda.is_available():
+        return False
+    with _lock:
+        if _mode is not None:
+            return True
+        torch.cuda.current_device = lambda: torch.device("cpu")
+        torch.cuda.synchronize = lambda *a, **k: None
+        _patch_rng()
+        _mode = _CudaToCpu()
+        _mode.__enter__()
+        return True

@@ -1,0 +1,55 @@
+"""Process group and megatron parallel state: NCCL on GPUs, gloo on CPU, same call either way."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from .cpu_compat import enable_cpu_compat
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
+               timeout_minutes: int = 30) -> torch.device:
+    """Start torch.distributed (from torchrun's env, or as a single process) and megatron's parallel state.
+
+    World size must be a multiple of TP x PP; the rest is data parallel.
+    """
+    from megatron.core import parallel_state, tensor_parallel as mtp
+
+    enable_cpu_compat()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend="nccl" if torch.cuda.is_available() else "gloo",
+            rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    world = dist.get_world_size()
+    if world % (tensor_parallel * pipeline_parallel):
+        raise ValueError(f"world size {world} is not divisible by --tensor-model-parallel-size "
+                         f"{tensor_parallel} x --pipeline-model-parallel-size {pipeline_parallel}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                             pipeline_model_parallel_size=pipeline_parallel)
+    mtp.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    return device()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
