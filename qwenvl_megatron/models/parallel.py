@@ -109,7 +109,9 @@ class ParallelPlan:
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int = 128) -> int:
-    """Megatron's rule: pad the vocabulary to a multiple of `divisible_by x TP` so each rank's slice is
-    aligned. The padded rows never reach users: their logits are masked and converters strip them."""
-    multiple = divisible_by * tensor_parallel
+    """Megatron's rule (a multiple of `divisible_by x TP`, so each rank's slice is aligned), taken with
+    TP of at least 8: the padded size is then the same for TP 1, 2, 4 and 8, so a checkpoint reshards
+    between those layouts without touching the vocabulary. The padded rows never reach users: their
+    logits are masked and converters strip them."""
+    multiple = divisible_by * max(tensor_parallel, 8)
     return -(-vocab_size // multiple) * multiple

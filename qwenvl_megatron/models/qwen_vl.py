@@ -6,6 +6,7 @@ decoder layers); later stages hold decoder layers only; the last also holds the 
 from __future__ import annotations
 
 import torch
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from ..runtime.layer_impl import backend_provider
@@ -52,6 +53,8 @@ class QwenVLModel(MegatronModule):
         llm_config = plan.llm_config(cfg)
         super().__init__(config=llm_config)
         self.cfg, self.plan = cfg, plan
+        self.share_embeddings_and_output_weights = False  # Qwen's LM head is untied (megatron asks)
+        self.model_type = ModelType.encoder_or_decoder  # megatron's schedules ask
         self.pre_process, self.post_process = pre_process, post_process
         backend = backend_provider(plan.impl)
         if pre_process:

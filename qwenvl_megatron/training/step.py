@@ -1,0 +1,84 @@
+"""One optimisation step on megatron-core: model chunks in DDP, its schedules, per-token loss.
+
+The loss is the mean over every supervised token of the global batch. Each microbatch returns its loss
+*sum* and token count; megatron's schedules add the counts over microbatches, `finalize_model_grads`
+adds them over data-parallel ranks and divides the summed gradients once. So an update does not depend
+on how the global batch is split into microbatches or ranks.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from ..models.config import QwenVLConfig
+from ..models.parallel import ParallelPlan
+from ..models.qwen_vl import QwenVLModel
+
+IGNORE_INDEX = -100
+
+
+def build_model(cfg: QwenVLConfig, plan: ParallelPlan, *, freeze=None, wrap_ddp: bool = True,
+                use_distributed_optimizer: bool = False) -> list[torch.nn.Module]:
+    """This rank's pipeline stage of the model, as a list of chunks (megatron's convention).
+
+    `freeze(model)` runs before DDP wraps the model, so frozen parameters get no gradient buffer.
+    """
+    model = QwenVLModel(cfg, plan, pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage())
+    if freeze is not None:
+        freeze(model)
+    config = model.config
+    config.calculate_per_token_loss = True
+    if not wrap_ddp:
+        return [model]
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=use_distributed_optimizer),
+        module=model)
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return [ddp]
+
+
+def unwrap(chunk: torch.nn.Module) -> QwenVLModel:
+    while not isinstance(chunk, QwenVLModel):
+        chunk = chunk.module
+    return chunk
+
+
+def forward_step(data_iterator, model):
+    """megatron schedule callback: one microbatch through this stage; the loss closure on the last."""
+    batch = next(data_iterator)
+    targets = batch["targets"]
+    output = model(batch["input_ids"], batch.get("images"), targets)
+
+    def loss_func(per_token_loss: torch.Tensor):
+        num_tokens = (targets != IGNORE_INDEX).sum().to(torch.int)
+        loss_sum = per_token_loss.float().sum()
+        report = torch.stack([loss_sum.detach(), num_tokens.float()])
+        return loss_sum, num_tokens, {"lm loss": report}
+
+    return output, loss_func
+
+
+def forward_backward(model: list, batches: Iterable[dict], num_microbatches: int, seq_length: int,
+                     micro_batch_size: int, forward_only: bool = False) -> tuple[float, int]:
+    """Run the schedule over `num_microbatches` batches. Returns (mean loss over the global batch's
+    supervised tokens, token count), identical on every rank."""
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=model,
+        num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_only=forward_only)
+    total = torch.zeros(2, dtype=torch.float64)
+    for item in losses:
+        total += item["lm loss"].double()
+    # Sum over data-parallel replicas, then share the last stage's numbers with the whole pipeline.
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
