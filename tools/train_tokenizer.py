@@ -10,6 +10,7 @@ fields are used: captions, questions, answers, phrases, OCR texts, conversation 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -19,18 +20,18 @@ from qwenvl_megatron.data.tokenizer import SentencePieceTokenizer, train_sentenc
 
 def read_sentences(paths: list[str], max_sentences: int | None) -> list[str]:
     sentences: list[str] = []
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f"--input: file(s) not found: {', '.join(missing)}")
     for path in paths:
         before = len(sentences)
         if path.endswith((".jsonl", ".json")):
-            for _, record in iter_records(path):
+            for _, record in iter_records(path):  # invalid JSON stops with file:line
                 if isinstance(record, dict):
                     sentences += record_texts(record)
         else:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    sentences += [line.rstrip("\n") for line in f if line.strip()]
-            except FileNotFoundError:
-                raise SystemExit(f"--input: file not found: {path}") from None
+            with open(path, encoding="utf-8") as f:
+                sentences += [line.rstrip("\n") for line in f if line.strip()]
         print(f"read {len(sentences) - before} sentences from {path}", file=sys.stderr)
         if max_sentences and len(sentences) >= max_sentences:
             sentences = sentences[:max_sentences]
