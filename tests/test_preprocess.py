@@ -1,0 +1,150 @@
+"""tools/preprocess_data.py: JSONL / JSON list / tar shards in, one dataset + rejects out, same bytes for
+any worker count."""
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwenvl_megatron.data.formats import encode_record
+from qwenvl_megatron.data.indexed import IndexedDataset
+from qwenvl_megatron.data.tokenizer import build_tokenizer, default_qwen_vocab_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "preprocess_data.py")
+VOCAB = default_qwen_vocab_path()
+pytestmark = pytest.mark.skipif(not os.path.isfile(VOCAB), reason=f"Qwen vocabulary not found at {VOCAB}")
+N_IMG = 4  # small image spans keep the test fast; the layout is the same as with 256
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("preprocess_data", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["preprocess_data"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _png(color, size=(8, 6)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A JSONL with good and bad records, a stage-3 JSON list and a tar shard."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "img").mkdir()
+    for i, color in enumerate(["red", "green", "blue"]):
+        (root / "img" / f"{i}.png").write_bytes(_png(color))
+    (root / "img" / "broken.png").write_bytes(_png("red")[:40])
+    records = [
+        {"task": "caption", "image": "img/0.png", "caption": "a red square"},
+        {"task": "vqa", "image": "img/1.png", "question": "What colour?", "answer": "green"},
+        {"task": "caption", "image": "img/missing.png", "caption": "gone"},
+        {"task": "caption", "image": "img/broken.png", "caption": "corrupt"},
+        "{not json",
+        {"task": "dance", "image": "img/0.png"},
+        {"task": "text", "text": "word " * 200},
+        {"task": "grounding", "image": "img/2.png", "width": 8, "height": 6, "phrase": "the square",
+         "box": [1, 1, 4, 5]},
+        {"task": "text", "text": "Plain text sample."},
+        {"task": "caption", "image": str(root / "img" / "2.png"), "caption": "absolute path"},
+    ]
+    jsonl = root / "train.jsonl"
+    jsonl.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    chat = [{"id": "c0", "conversations": [
+        {"from": "user", "value": "Picture 1: <img>img/0.png</img>\nWhat is it?"},
+        {"from": "assistant", "value": "A red square."}]},
+        {"id": "c1", "conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello!"}]}]
+    (root / "chat.json").write_text(json.dumps(chat))
+    with tarfile.open(root / "shard-000.tar", "w") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        add("k0.png", _png("blue"))
+        add("k0.txt", b"a blue square")
+        add("k1.jpg", _png("green"))   # a PNG under .jpg: Pillow reads the content, not the name
+        add("k1.json", json.dumps({"caption": "a green square"}).encode())
+        add("k2.png", _png("red"))     # no caption
+    return root, records, chat
+
+
+def _run(tool, corpus, out, workers, chunk_size=2):
+    root = corpus[0]
+    return tool.preprocess([str(root / "train.jsonl"), str(root / "chat.json"), str(root / "shard-000.tar")],
+                           "qwen", VOCAB, str(out), workers=workers, seq_length=64, num_image_tokens=N_IMG,
+                           too_long="reject", chunk_size=chunk_size, log_interval=3, log=io.StringIO())
+
+
+def test_contents_and_rejects(tmp_path, corpus):
+    root, records, chat = corpus
+    tool = _load_tool()
+    summary = _run(tool, corpus, tmp_path / "out", workers=1)
+    tok = build_tokenizer("qwen", VOCAB)
+    ds = IndexedDataset(str(tmp_path / "out"))
+    ds.verify()
+    good = [0, 1, 7, 8, 9]
+    expected = [(encode_record(records[i], tok, N_IMG, 64), [os.path.join(root, "img", f)
+                 for f in {0: ["0.png"], 1: ["1.png"], 7: ["2.png"], 8: [], 9: ["2.png"]}[i]]) for i in good]
+    expected += [(encode_record(chat[0], tok, N_IMG, 64), [root / "img" / "0.png"]),
+                 (encode_record(chat[1], tok, N_IMG, 64), [])]
+    expected += [(encode_record({"task": "caption", "image": "x", "caption": c}, tok, N_IMG, 64), None)
+                 for c in ("a blue square", "a green square")]
+    assert len(ds) == len(expected) == summary["written"] == 9
+    for i, (sample, image_files) in enumerate(expected):
+        tokens, labels, images = ds[i]
+        np.testing.assert_array_equal(tokens, sample.tokens)
+        np.testing.assert_array_equal(labels, sample.labels)
+        if image_files is not None:
+            assert images == [open(p, "rb").read() for p in image_files]
+    assert ds[7][2] == [_png("blue")] and ds[8][2] == [_png("green")]
+
+    rejects = [json.loads(line) for line in open(str(tmp_path / "out") + ".rejects.jsonl")]
+    assert [(os.path.basename(r["source"]), r.get("line", r.get("key"))) for r in rejects] == [
+        ("train.jsonl", 3), ("train.jsonl", 4), ("train.jsonl", 5), ("train.jsonl", 6), ("train.jsonl", 7),
+        ("shard-000.tar", "k2")]
+    reasons = [r["reason"] for r in rejects]
+    assert "cannot be read" in reasons[0] and "missing.png" in reasons[0]
+    assert "cannot be decoded" in reasons[1] and "broken.png" in reasons[1]
+    assert "invalid JSON" in reasons[2]
+    assert "unknown task" in reasons[3]
+    assert "max_length 64" in reasons[4]
+    assert "no caption" in reasons[5]
+    assert summary["records"] == 15 and summary["rejected"] == 6
+    assert not os.path.exists(str(tmp_path / "out") + ".shards.tmp")
+
+
+def test_worker_count_does_not_change_output(tmp_path, corpus):
+    tool = _load_tool()
+    _run(tool, corpus, tmp_path / "w1", workers=1)
+    _run(tool, corpus, tmp_path / "w2", workers=2)
+    for suffix in (".bin", ".idx", ".rejects.jsonl"):
+        assert open(str(tmp_path / "w1") + suffix, "rb").read() == open(str(tmp_path / "w2") + suffix, "rb").read()
+    # The chunking is fixed by --chunk-size, so one big chunk gives the same dataset as many small ones.
+    _run(tool, corpus, tmp_path / "big", workers=2, chunk_size=1000)
+    for suffix in (".bin", ".idx"):
+        assert open(str(tmp_path / "w1") + suffix, "rb").read() == open(str(tmp_path / "big") + suffix, "rb").read()
+
+
+def test_command_line_truncate_and_summary(tmp_path, corpus):
+    root = corpus[0]
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, TOOL, "--input", str(root / "train.jsonl"), "--tokenizer-type", "qwen",
+                           "--tokenizer-model", VOCAB, "--output-prefix", str(out), "--workers", "2",
+                           "--seq-length", "64", "--num-image-tokens", str(N_IMG), "--too-long", "truncate",
+                           "--chunk-size", "3", "--log-interval", "4"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "records/s" in proc.stderr
+    assert "done: 10 records -> 6 samples" in proc.stderr and "4 rejected" in proc.stderr
+    ds = IndexedDataset(str(out))
+    assert ds.lengths.tolist()[2] == 64  # the long text record, cut to --seq-length
