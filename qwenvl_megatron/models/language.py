@@ -50,16 +50,25 @@ class QwenLanguageModel(MegatronModule):
         return self.embedding.word_embeddings(input_ids).transpose(0, 1).contiguous()
 
     def forward(self, decoder_input: torch.Tensor | None, seq_length: int,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, inference_context=None) -> torch.Tensor:
         """decoder_input [s, b, h] on the first stage (None elsewhere: the pipeline supplies it).
 
         Returns on the last stage the per-token loss [b, s] (0 where targets == -100) when targets are
         given, else logits [b, s, vocab] (unpadded, gathered over TP); elsewhere the hidden states.
+
+        `inference_context` (megatron's StaticInferenceContext, generation only): the layers keep their
+        keys/values in it and take positions from its `sequence_len_offset`, so the tokens given are the
+        ones after the cached prefix; the caller advances the offset.
         """
         if decoder_input is not None and self.config.sequence_parallel:
             decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
-        rotary = self.rotary_pos_emb(seq_length)
-        hidden = self.decoder(decoder_input, attention_mask=None, rotary_pos_emb=rotary)
+        if inference_context is None:
+            rotary = self.rotary_pos_emb(seq_length)
+            hidden = self.decoder(decoder_input, attention_mask=None, rotary_pos_emb=rotary)
+        else:  # megatron slices the table at the cached offset itself
+            rotary = self.rotary_pos_emb(inference_context.max_sequence_length)
+            hidden = self.decoder(decoder_input, attention_mask=None, rotary_pos_emb=rotary,
+                                  inference_context=inference_context)
         if not self.post_process:
             return hidden
         logits, _ = self.output_layer(hidden)  # [s, b, v/tp]

@@ -76,9 +76,10 @@ class QwenVLModel(MegatronModule):
         return self.adapter(self.vision(images))
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, inference_context=None) -> torch.Tensor:
         """input_ids [b, s]; images [n, 3, H, W] for the n `<img>` spans (row-major); targets [b, s] the
-        next-token ids (-100: no loss). See QwenLanguageModel.forward for what comes back."""
+        next-token ids (-100: no loss). See QwenLanguageModel.forward for what comes back;
+        `inference_context` is the KV cache of generation (qwenvl_megatron.inference)."""
         decoder_input = None
         if self.pre_process:
             emb = self.language.embed_tokens(input_ids)
@@ -95,4 +96,4 @@ class QwenVLModel(MegatronModule):
                     dummy = torch.zeros(1, 3, size, size, dtype=emb.dtype, device=emb.device)
                     emb = emb + 0.0 * self.encode_images(dummy).sum()
             decoder_input = emb
-        return self.language(decoder_input, input_ids.shape[1], targets)
+        return self.language(decoder_input, input_ids.shape[1], targets, inference_context=inference_context)
