@@ -1,0 +1,255 @@
+"""Checkpoints on megatron-core dist-checkpointing (torch_dist), reshardable over TP / PP / DP.
+
+Layout under a save directory::
+
+    <dir>/latest_checkpointed_iteration.txt   the newest complete iteration, written LAST
+    <dir>/iter_0000500/                       one dist-checkpoint directory
+        metadata.json, common.pt, __*.distcp  megatron's files; sharded tensors keyed by model names
+        model_config.json                     cfg.to_hf_config(): what network the weights belong to
+
+The dist-checkpoint holds `model` (each tensor keyed by its global name, so any TP/PP layout can load it),
+and for full saves also `optimizer` (reshardable form), `opt_param_scheduler`, `rng_state` (one object
+per rank), `consumed_samples`, `iteration` and `args`. Weights-only saves (converter output, stage
+hand-over) hold `model`, `iteration` and `args` only.
+
+A save is atomic: every rank writes into `iter_XXXXXXX.tmp`, rank 0 renames it into place once all ranks
+have finished, and only then moves the marker. A crash mid-save leaves the previous checkpoint current.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from ..models.config import QwenVLConfig
+from .step import unwrap
+
+MARKER = "latest_checkpointed_iteration.txt"
+MODEL_CONFIG = "model_config.json"
+FORMAT_VERSION = 1
+# Reshardable over TP, PP and DP (megatron's default for the distributed optimizer is DP-only).
+_SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit the model; the message names the path."""
+
+
+def iter_dir(save_dir: str, iteration: int) -> str:
+    return os.path.join(save_dir, f"iter_{iteration:07d}")
+
+
+def latest_iteration(save_dir: str) -> int | None:
+    """The iteration named by the marker file, or None when `save_dir` has no complete checkpoint."""
+    path = os.path.join(save_dir, MARKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def resolve_checkpoint_dir(path: str, iteration: int | None = None) -> str:
+    """A save directory (-> its latest or the given iteration) or an `iter_*` directory -> the iter dir."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path} does not exist")
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return path
+    if iteration is None:
+        iteration = latest_iteration(path)
+        if iteration is None:
+            raise CheckpointError(f"no checkpoint in {path}: neither {MARKER} nor a dist-checkpoint "
+                                  f"(metadata.json) is there")
+    target = iter_dir(path, iteration)
+    if not os.path.isfile(os.path.join(target, "metadata.json")):
+        raise CheckpointError(f"checkpoint directory {target} is missing or incomplete (no metadata.json)")
+    return target
+
+
+def read_model_config(path: str) -> QwenVLConfig:
+    """The QwenVLConfig a checkpoint was saved with (`path`: save dir or iter dir)."""
+    cfg_path = os.path.join(resolve_checkpoint_dir(path), MODEL_CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{cfg_path} not found: the checkpoint does not say which model it holds")
+    with open(cfg_path) as f:
+        return QwenVLConfig.from_hf_config(json.load(f))
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _layout() -> dict:
+    return {"tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+            "data_parallel": parallel_state.get_data_parallel_world_size(),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+
+
+def _model_state(model_chunks: list) -> dict:
+    if len(model_chunks) != 1:
+        raise NotImplementedError("virtual pipeline stages (several model chunks) are not supported")
+    return unwrap(model_chunks[0]).sharded_state_dict()
+
+
+def _rng_object() -> ShardedObject:
+    """This rank's RNG streams: one object per (pp, tp, dp) position, so it only reloads on the same layout."""
+    state = {"torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    shape = (parallel_state.get_pipeline_model_parallel_world_size(),
+             parallel_state.get_tensor_model_parallel_world_size(),
+             parallel_state.get_data_parallel_world_size())
+    offset = (parallel_state.get_pipeline_model_parallel_rank(),
+              parallel_state.get_tensor_model_parallel_rank(),
+              parallel_state.get_data_parallel_rank())
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+def _set_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _plain(args: Any) -> Any:
+    """Arguments as plain JSON-able values (namespaces, dataclasses, dtypes) for the common state."""
+    if args is None:
+        return {}
+    if is_dataclass(args):
+        args = asdict(args)
+    elif hasattr(args, "__dict__") and not isinstance(args, dict):
+        args = vars(args)
+    return json.loads(json.dumps(args, default=str))
+
+
+# ---------------------------------------------------------------------------------------------- save
+def _save(state: dict, save_dir: str, iteration: int, cfg: QwenVLConfig) -> str:
+    final = iter_dir(save_dir, iteration)
+    tmp = final + ".tmp"
+    if _rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(state, tmp)
+    _barrier()
+    if _rank() == 0:
+        with open(os.path.join(tmp, MODEL_CONFIG), "w") as f:
+            json.dump(cfg.to_hf_config(), f, indent=2)
+        if os.path.exists(final):  # re-saving an iteration: replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        marker_tmp = os.path.join(save_dir, MARKER + ".tmp")
+        with open(marker_tmp, "w") as f:
+            f.write(f"{iteration}\n")
+        os.replace(marker_tmp, os.path.join(save_dir, MARKER))
+    _barrier()
+    return final
+
+
+def save_model_weights(model_chunks: list, save_dir: str, cfg: QwenVLConfig, iteration: int = 0,
+                       args: Any = None) -> str:
+    """Weights only (converter output, or the hand-over between training stages). Collective."""
+    state = {"model": _model_state(model_chunks), "iteration": iteration, "checkpoint_version": FORMAT_VERSION,
+             "args": _plain(args), "layout": _layout()}
+    return _save(state, save_dir, iteration, cfg)
+
+
+def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, cfg: QwenVLConfig, optimizer,
+                    scheduler=None, consumed_samples: int = 0, args: Any = None) -> str:
+    """Everything needed to continue training bit-for-bit. Collective over all ranks."""
+    model_sd = _model_state(model_chunks)
+    state = {
+        "model": model_sd, "iteration": iteration, "consumed_samples": consumed_samples,
+        "checkpoint_version": FORMAT_VERSION, "args": _plain(args), "layout": _layout(),
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=_SHARDING_METADATA),
+        "rng_state": _rng_object(),
+    }
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    return _save(state, save_dir, iteration, cfg)
+
+
+# ---------------------------------------------------------------------------------------------- load
+def _load(state: dict, path: str) -> dict:
+    try:
+        return dist_checkpointing.load(state, path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the checkpoint named
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def _common(path: str) -> dict:
+    try:
+        return dist_checkpointing.load_common_state_dict(path)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read the common state of checkpoint {path}: {e}") from e
+
+
+def load_model_weights(model_chunks: list, path: str, iteration: int | None = None) -> dict:
+    """Copy a checkpoint's weights into the model (any TP/PP layout). Returns its common state
+    (iteration, args, ...). Optimizer state in the checkpoint, if any, is ignored."""
+    ckpt = resolve_checkpoint_dir(path, iteration)
+    model = unwrap(model_chunks[0])
+    loaded = _load({"model": _model_state(model_chunks)}, ckpt)
+    model.load_state_dict(loaded["model"], strict=True)
+    common = _common(ckpt)
+    common.pop("model", None)
+    return common
+
+
+def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=None,
+                    iteration: int | None = None, weights_only: bool = False) -> dict:
+    """Resume: weights, then (unless `weights_only`) optimizer, scheduler and, on the same layout, RNG.
+
+    Returns {"iteration", "consumed_samples", "args", "layout", "path"}; weights_only gives iteration 0
+    and consumed_samples 0 (a new stage starts counting afresh).
+    """
+    ckpt = resolve_checkpoint_dir(path, iteration)
+    common = _common(ckpt)
+    if weights_only:
+        load_model_weights(model_chunks, ckpt)
+        return {"iteration": 0, "consumed_samples": 0, "args": common.get("args", {}),
+                "layout": common.get("layout"), "path": ckpt}
+    if "optimizer" not in common and "consumed_samples" not in common:
+        raise CheckpointError(f"{ckpt} holds weights only (no optimizer state); load it with "
+                              f"--load-weights-only (or --pretrained-checkpoint)")
+    model_sd = _model_state(model_chunks)
+    state: dict = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                          metadata=_SHARDING_METADATA)
+    same_layout = common.get("layout") == _layout()
+    if same_layout:
+        state["rng_state"] = _rng_object()
+    loaded = _load(state, ckpt)
+    unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "opt_param_scheduler" in loaded:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if same_layout:
+        _set_rng(loaded["rng_state"])
+    return {"iteration": int(loaded["iteration"]), "consumed_samples": int(loaded.get("consumed_samples", 0)),
+            "args": loaded.get("args", {}), "layout": common.get("layout"), "path": ckpt}
+
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_model_weights", "load_model_weights",
+           "read_model_config", "latest_iteration", "resolve_checkpoint_dir", "iter_dir", "MARKER",
+           "MODEL_CONFIG"]
