@@ -34,10 +34,13 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+# Text ink: every channel >= 60, so neither the ink nor its antialiased blend with the (light) background can
+# equal a shape colour (each has a channel < 60): a shape's pixels are exactly those of its colour.
+TEXT_COLOUR = (60, 60, 60)
 WORDS = ("HELLO", "QWEN", "STOP", "OPEN", "EXIT", "SALE")  # rendered for OCR
-# The shape's radius as a fraction of the image side. A radius of 0.11-0.21 side (diameter 22-42%) is the
-# largest that still fits wholly inside the image with its centre in a corner cell of the 3x3 grid.
-RADIUS_RANGE = (0.11, 0.21)
+# The shape's radius as a fraction of the image side (diameter 28-52%). A shape must lie wholly inside the
+# image with its centre inside the named cell of the 3x3 grid, so a corner allows at most 1/3 - CELL_MARGIN.
+RADIUS_RANGE = (0.14, 0.26)
 CELL_MARGIN = 0.04  # keep centres this far (fraction of side) inside their grid cell: no borderline positions
 WORD_PROBABILITY = 0.35
 NOISY_PROBABILITY = 0.5
@@ -184,7 +187,7 @@ def render_scene(scene: Scene, font=None) -> Image.Image:
     else:
         draw.polygon(points, fill=fill)
     if scene.word:
-        draw.text(tuple(scene.word_xy), scene.word, font=font or _font(size), fill=(20, 20, 20))
+        draw.text(tuple(scene.word_xy), scene.word, font=font or _font(size), fill=TEXT_COLOUR)
     return img
 
 
