@@ -11,6 +11,7 @@ image's index in the batch (`CorruptImageError`), and `on_error="skip"` drops ba
 """
 from __future__ import annotations
 
+import inspect
 import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ BACKENDS = ("auto", "dali", "pil")
 ERROR_POLICIES = ("raise", "skip")
 
 try:  # optional: a broken DALI install (e.g. missing CUDA libraries) must not break the Pillow path
+    from nvidia.dali import Pipeline as _DaliPipeline
     from nvidia.dali import fn as _dali_fn
     from nvidia.dali import pipeline_def as _dali_pipeline_def
     from nvidia.dali import types as _dali_types
@@ -234,9 +236,12 @@ class ImageTransform:
         gpu = self.device.type == "cuda"
         size = self.image_size
 
-        @_dali_pipeline_def(batch_size=self.max_batch_size, num_threads=self.num_threads,
-                            device_id=self.device.index if gpu else None, prefetch_queue_depth=1,
-                            exec_dynamic=False)
+        options = dict(batch_size=self.max_batch_size, num_threads=self.num_threads,
+                       device_id=self.device.index if gpu else None, prefetch_queue_depth=1)
+        if "exec_dynamic" in inspect.signature(_DaliPipeline.__init__).parameters:
+            options["exec_dynamic"] = False  # DALI >= 1.4x: the classic executor takes feed_input batches
+
+        @_dali_pipeline_def(**options)
         def pipeline():
             encoded = _dali_fn.external_source(name="encoded", dtype=_dali_types.UINT8)
             img = _dali_fn.decoders.image(encoded, device="mixed" if gpu else "cpu",

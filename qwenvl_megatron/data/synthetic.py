@@ -240,12 +240,12 @@ def text_record(rng: random.Random) -> dict:
     return {"task": "text", "text": " ".join(sentences)}
 
 
-def _qa(s: Scene, rng: random.Random, exclude: Sequence[str] = ()) -> tuple[str, str]:
-    kinds = [k for k in ("describe", "colour", "shape", "position") if k not in exclude]
-    kind = rng.choice(kinds)
+def _qa(s: Scene, rng: random.Random, exclude: Sequence[str] = ()) -> tuple[str, str, str]:
+    """(kind, question, answer) about scene `s`, of a kind not in `exclude`."""
+    kind = rng.choice([k for k in ("describe", "colour", "shape", "position") if k not in exclude])
     if kind == "describe":
-        return DESCRIBE_QUESTION, s.caption
-    return VQA_QUESTIONS[kind], {"colour": s.colour, "shape": s.shape, "position": s.position}[kind]
+        return kind, DESCRIBE_QUESTION, s.caption
+    return kind, VQA_QUESTIONS[kind], {"colour": s.colour, "shape": s.shape, "position": s.position}[kind]
 
 
 def chat_record(index: int, scenes: Sequence[Scene], rng: random.Random) -> dict:
@@ -264,8 +264,8 @@ def chat_record(index: int, scenes: Sequence[Scene], rng: random.Random) -> dict
         (s,) = scenes
         asked: list[str] = []
         for t in range(rng.randrange(1, 4)):
-            q, ans = _qa(s, rng, exclude=asked)
-            asked.append({DESCRIBE_QUESTION: "describe"}.get(q, next((k for k, v in VQA_QUESTIONS.items() if v == q), "")))
+            kind, q, ans = _qa(s, rng, exclude=asked)
+            asked.append(kind)
             prefix = f"Picture 1: <img>{s.path}</img>\n" if t == 0 else ""
             turns += [("user", prefix + q), ("assistant", ans)]
     return {"id": f"chat-{index:06d}", "conversations": [{"from": role, "value": text} for role, text in turns]}
