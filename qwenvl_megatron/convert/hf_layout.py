@@ -83,9 +83,10 @@ class UnknownKeyError(KeyError):
     pass
 
 
-def hf_to_model(hf: dict[str, torch.Tensor], cfg: QwenVLConfig) -> dict[str, torch.Tensor]:
+def hf_to_model(hf: dict[str, torch.Tensor], cfg: QwenVLConfig, partial: bool = False) -> dict[str, torch.Tensor]:
     """HF state dict -> full model state dict. Every HF key must be consumed and every model key produced:
-    an unknown or missing key is an error, never a silent skip."""
+    an unknown or missing key is an error, never a silent skip. `partial=True` allows a subset (one
+    rank's share, see `hf_sources`); unknown keys are still an error."""
     direct = _direct_map(cfg)
     out, used = {}, set()
     for hk, mk in direct.items():
@@ -104,19 +105,76 @@ def hf_to_model(hf: dict[str, torch.Tensor], cfg: QwenVLConfig) -> dict[str, tor
             out[g + "mlp.linear_fc1.weight"] = torch.cat([hf[h + "mlp.w2.weight"], hf[h + "mlp.w1.weight"]])
             used.update([h + "mlp.w1.weight", h + "mlp.w2.weight"])
     k = V + "attn_pool.attn.in_proj_"
-    if k + "weight" in hf:
-        for name, t in zip("qkv", hf[k + "weight"].chunk(3)):
-            out[f"adapter.linear_{name}.weight"] = t
-        for name, t in zip("qkv", hf[k + "bias"].chunk(3)):
-            out[f"adapter.linear_{name}.bias"] = t
-        used.update([k + "weight", k + "bias"])
+    for wb in ("weight", "bias"):
+        if k + wb in hf:
+            for name, t in zip("qkv", hf[k + wb].chunk(3)):
+                out[f"adapter.linear_{name}.{wb}"] = t
+            used.add(k + wb)
     unknown = sorted(set(hf) - used)
     if unknown:
         raise UnknownKeyError(f"{len(unknown)} HF keys not part of this config's model, e.g. {unknown[:5]}")
     missing = sorted(set(hf_keys(cfg)) - set(hf))
-    if missing:
+    if missing and not partial:
         raise KeyError(f"{len(missing)} HF keys missing, e.g. {missing[:5]}")
     return out
+
+
+def hf_sources(cfg: QwenVLConfig) -> dict[str, tuple[str, ...]]:
+    """Model key -> the HF keys it is built from, so a rank can read just the tensors of its shards."""
+    src = {mk: (hk,) for hk, mk in _direct_map(cfg).items()}
+    for i in range(cfg.llm.num_layers):
+        h, g = f"transformer.h.{i}.", f"language.decoder.layers.{i}."
+        for wb in ("weight", "bias"):
+            src[g + f"self_attention.linear_qkv.{wb}"] = (h + f"attn.c_attn.{wb}",)
+        src[g + "mlp.linear_fc1.weight"] = (h + "mlp.w2.weight", h + "mlp.w1.weight")
+    for n in "qkv":
+        src[f"adapter.linear_{n}.weight"] = (V + "attn_pool.attn.in_proj_weight",)
+        src[f"adapter.linear_{n}.bias"] = (V + "attn_pool.attn.in_proj_bias",)
+    return src
+
+
+def hf_key_shapes(cfg: QwenVLConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """HF key -> (shape the config implies, the config.json fields that decide it), for checking a
+    checkpoint against its config before any tensor is read."""
+    l, v, a = cfg.llm, cfg.vit, cfg.adapter
+    h, proj, ffn, w, vffn, q = (l.hidden_size, l.num_attention_heads * l.kv_channels, l.ffn_hidden_size,
+                                v.width, v.ffn_hidden_size, a.num_queries)
+    LH, LA, LF = "hidden_size", "num_attention_heads*kv_channels, hidden_size", "intermediate_size/2, hidden_size"
+    VW, VF = "visual.width", "visual.width, visual.mlp_ratio"
+    AQ = "visual.n_queries (256), visual.output_dim"
+    shapes = {"transformer.wte.weight": ((l.vocab_size, h), "vocab_size, hidden_size"),
+              "lm_head.weight": ((l.vocab_size, h), "vocab_size, hidden_size"),
+              "transformer.ln_f.weight": ((h,), LH)}
+    for i in range(l.num_layers):
+        p = f"transformer.h.{i}."
+        shapes.update({p + "ln_1.weight": ((h,), LH), p + "ln_2.weight": ((h,), LH),
+                       p + "attn.c_attn.weight": ((3 * proj, h), LA), p + "attn.c_attn.bias": ((3 * proj,), LA),
+                       p + "attn.c_proj.weight": ((h, proj), LA),
+                       p + "mlp.w1.weight": ((ffn, h), LF), p + "mlp.w2.weight": ((ffn, h), LF),
+                       p + "mlp.c_proj.weight": ((h, ffn), LF)})
+    shapes.update({V + "conv1.weight": ((w, 3, v.patch_size, v.patch_size), "visual.width, visual.patch_size"),
+                   V + "positional_embedding": ((v.pos_grid ** 2, w), "visual.width (a 16x16 position grid)"),
+                   V + "ln_pre.weight": ((w,), VW), V + "ln_pre.bias": ((w,), VW)})
+    for j in range(v.num_layers):
+        p = V + f"transformer.resblocks.{j}."
+        for wb in ("weight", "bias"):
+            shapes.update({p + f"ln_1.{wb}": ((w,), VW), p + f"ln_2.{wb}": ((w,), VW)})
+        for name, (o, i) in {"attn.in_proj": (3 * w, w), "attn.out_proj": (w, w),
+                             "mlp.c_fc": (vffn, w), "mlp.c_proj": (w, vffn)}.items():
+            fields = VF if name.startswith("mlp") else VW
+            shapes.update({p + f"{name}.weight": ((o, i), fields), p + f"{name}.bias": ((o,), fields)})
+    p = V + "attn_pool."
+    shapes.update({p + "query": ((q, h), AQ), p + "pos_embed": ((q, h), AQ),
+                   p + "kv_proj.weight": ((h, w), "visual.output_dim, visual.width"),
+                   p + "attn.in_proj_weight": ((3 * h, h), "visual.output_dim"),
+                   p + "attn.in_proj_bias": ((3 * h,), "visual.output_dim"),
+                   p + "attn.out_proj.weight": ((h, h), "visual.output_dim"),
+                   p + "attn.out_proj.bias": ((h,), "visual.output_dim")})
+    for name in ("attn_pool.ln_q", "attn_pool.ln_kv", "ln_post"):
+        for wb in ("weight", "bias"):
+            shapes[V + f"{name}.{wb}"] = ((h,), "visual.output_dim")
+    shapes[V + "proj"] = ((h, h), "visual.output_dim")
+    return shapes
 
 
 def model_to_hf(full: dict[str, torch.Tensor], cfg: QwenVLConfig) -> dict[str, torch.Tensor]:

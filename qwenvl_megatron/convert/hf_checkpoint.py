@@ -1,0 +1,271 @@
+"""Reading and writing HF checkpoint directories (config.json + weight shards), one shard at a time.
+
+Reads `model.safetensors.index.json` + safetensors shards, `pytorch_model.bin.index.json` +
+`pytorch_model-*.bin` shards, or a single `model.safetensors` / `pytorch_model.bin`. A reader only maps
+key -> shard file up front; tensors are read when asked for, grouped by shard, so a rank of a parallel
+conversion holds only its own share of a 9.6B-parameter model. Writes safetensors shards + index.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Callable, Iterable
+
+import torch
+
+from ..models.config import QwenVLConfig
+from .hf_layout import UnknownKeyError, hf_key_shapes
+
+SAFE_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
+SAFE_SINGLE, BIN_SINGLE = "model.safetensors", "pytorch_model.bin"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class HFCheckpointError(ValueError):
+    """An HF directory is incomplete or does not fit its config; the message names the file / key."""
+
+
+def progress_printer(prefix: str) -> Callable[[int, int, str], None]:
+    """A progress callback printing `prefix [done/total] what (elapsed)` lines to stderr."""
+    start = time.time()
+
+    def show(done: int, total: int, what: str) -> None:
+        width = 30
+        bar = "#" * (width * done // max(total, 1))
+        print(f"{prefix} [{bar:<{width}}] {done}/{total} {what} ({time.time() - start:.1f}s)",
+              file=sys.stderr, flush=True)
+
+    return show
+
+
+def read_hf_config(hf_dir: str) -> tuple[dict, QwenVLConfig]:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise HFCheckpointError(f"{path} not found: an HF checkpoint directory needs its config.json")
+    with open(path) as f:
+        raw = json.load(f)
+    if "visual" not in raw:
+        raise HFCheckpointError(f"{path} has no 'visual' section: not a Qwen-VL config (a Qwen-7B LLM "
+                                f"directory is imported with `import-init`)")
+    try:
+        return raw, QwenVLConfig.from_hf_config(raw)
+    except (KeyError, ValueError) as e:
+        raise HFCheckpointError(f"{path}: {type(e).__name__}: {e}") from None
+
+
+class HFCheckpointReader:
+    """Lazy view of the tensors of an HF directory (or of one weights file)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.weight_map = self._weight_map(path)
+        missing = sorted({f for f in self.weight_map.values() if not os.path.isfile(f)})
+        if missing:
+            raise HFCheckpointError(f"shard file {missing[0]} named by the index of {path} does not exist"
+                                    + (f" ({len(missing)} shard files missing)" if len(missing) > 1 else ""))
+
+    @staticmethod
+    def _weight_map(path: str) -> dict[str, str]:
+        if os.path.isfile(path):  # a single weights file
+            return {k: path for k in _file_keys(path)}
+        for index in (SAFE_INDEX, BIN_INDEX):
+            ipath = os.path.join(path, index)
+            if os.path.isfile(ipath):
+                with open(ipath) as f:
+                    try:
+                        wm = json.load(f)["weight_map"]
+                    except (json.JSONDecodeError, KeyError) as e:
+                        raise HFCheckpointError(f"{ipath}: not an HF index file ({e})") from None
+                return {k: os.path.join(path, v) for k, v in wm.items()}
+        for single in (SAFE_SINGLE, BIN_SINGLE):
+            spath = os.path.join(path, single)
+            if os.path.isfile(spath):
+                return {k: spath for k in _file_keys(spath)}
+        raise HFCheckpointError(f"no weights in {path}: expected {SAFE_INDEX}, {BIN_INDEX}, {SAFE_SINGLE} "
+                                f"or {BIN_SINGLE}")
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every key's shape, from safetensors headers (no tensor data is read) or lazily mapped .bin files."""
+        out: dict[str, tuple[int, ...]] = {}
+        for shard, keys in _by_shard(self.weight_map, self.weight_map).items():
+            if shard.endswith(".safetensors"):
+                from safetensors import safe_open
+                with safe_open(shard, framework="pt") as f:
+                    out.update({k: tuple(f.get_slice(k).get_shape()) for k in keys})
+            else:
+                sd = _load_bin(shard)
+                out.update({k: tuple(sd[k].shape) for k in keys})
+        return out
+
+    def load(self, keys: Iterable[str], progress: Callable | None = None) -> dict[str, torch.Tensor]:
+        """The tensors under `keys`, read shard by shard (only the shards that hold them)."""
+        keys = list(dict.fromkeys(keys))
+        absent = [k for k in keys if k not in self.weight_map]
+        if absent:
+            raise HFCheckpointError(f"{len(absent)} keys not in {self.path}, e.g. {absent[:5]}")
+        out: dict[str, torch.Tensor] = {}
+        groups = _by_shard(keys, self.weight_map)
+        for n, (shard, shard_keys) in enumerate(groups.items(), 1):
+            if shard.endswith(".safetensors"):
+                from safetensors import safe_open
+                with safe_open(shard, framework="pt") as f:
+                    present = set(f.keys())
+                    for k in shard_keys:
+                        if k not in present:
+                            raise HFCheckpointError(f"{shard} does not hold {k}, although the index says so")
+                        out[k] = f.get_tensor(k)
+            else:
+                sd = _load_bin(shard)
+                for k in shard_keys:
+                    if k not in sd:
+                        raise HFCheckpointError(f"{shard} does not hold {k}, although the index says so")
+                    out[k] = sd[k].clone()
+                del sd
+            if progress:
+                progress(n, len(groups), f"{os.path.basename(shard)} ({len(shard_keys)} tensors)")
+        return out
+
+
+def _by_shard(keys: Iterable[str], weight_map: dict[str, str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(weight_map[k], []).append(k)
+    return dict(sorted(groups.items()))
+
+
+def _load_bin(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - name the file
+        raise HFCheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def _file_keys(path: str) -> list[str]:
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    sd = _load_bin(path)
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        raise HFCheckpointError(f"{path} nests its tensors under 'state_dict' (a training checkpoint); save "
+                                f"the plain state dict (without any 'module.' prefix) to a file first")
+    return list(sd)
+
+
+def check_against_config(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[tuple[int, ...], str]],
+                         where: str, config_path: str, require_all: bool = True) -> None:
+    """Unknown keys, missing keys and shapes that contradict the config are errors naming the key."""
+    unknown = sorted(set(shapes) - set(expected))
+    if unknown:
+        raise UnknownKeyError(f"{where}: {len(unknown)} keys are not part of the model described by "
+                              f"{config_path}: {unknown[:5]}")
+    missing = sorted(set(expected) - set(shapes)) if require_all else []
+    if missing:
+        raise HFCheckpointError(f"{where}: {len(missing)} keys of the model described by {config_path} are "
+                                f"missing: {missing[:5]}")
+    for key, shape in shapes.items():
+        want, fields = expected[key]
+        if tuple(shape) != tuple(want):
+            raise HFCheckpointError(f"{where}: {key} has shape {tuple(shape)} but {config_path} ({fields}) "
+                                    f"implies {tuple(want)}")
+
+
+def validate_hf_dir(hf_dir: str) -> tuple[QwenVLConfig, HFCheckpointReader]:
+    """Config, shard files, key set and every shape, checked before a conversion starts."""
+    _, cfg = read_hf_config(hf_dir)
+    reader = HFCheckpointReader(hf_dir)
+    check_against_config(reader.shapes(), hf_key_shapes(cfg), hf_dir, os.path.join(hf_dir, "config.json"))
+    return cfg, reader
+
+
+# ------------------------------------------------------------------------------------------------ write
+class HFShardWriter:
+    """Writes tensors into size-limited safetensors shards; `finish` names them model-0000i-of-0000n and
+    writes the index. Several writers (one per pipeline stage) can share a directory: each uses its own
+    `part` tag, and `finalize_hf_dir` names and indexes all parts at the end."""
+
+    def __init__(self, out_dir: str, part: int = 0, max_shard_bytes: int = 5 * 2 ** 30):
+        self.out_dir, self.part, self.max_bytes = out_dir, part, max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._bytes = 0
+        self._count = 0
+        os.makedirs(out_dir, exist_ok=True)
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._bytes + size > self.max_bytes:
+            self.flush()
+        self._pending[key] = tensor.detach().contiguous().cpu()
+        self._bytes += size
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        from safetensors.torch import save_file
+        name = f".part{self.part:03d}-{self._count:05d}.safetensors"
+        save_file(self._pending, os.path.join(self.out_dir, name), metadata={"format": "pt"})
+        self._count += 1
+        self._pending, self._bytes = {}, 0
+
+
+def finalize_hf_dir(out_dir: str, cfg: QwenVLConfig, dtype: torch.dtype | None = None,
+                    tokenizer_file: str | None = None) -> dict:
+    """Rename the parts written by HFShardWriters to model-0000i-of-0000n.safetensors, write the index,
+    config.json and (optionally) the tokenizer file. Returns the index."""
+    from safetensors import safe_open
+    parts = sorted(f for f in os.listdir(out_dir) if f.startswith(".part") and f.endswith(".safetensors"))
+    if not parts:
+        raise HFCheckpointError(f"nothing was written into {out_dir}")
+    for f in os.listdir(out_dir):  # an earlier export in the same place
+        if f.startswith("model-") and f.endswith(".safetensors"):
+            os.remove(os.path.join(out_dir, f))
+    weight_map, total = {}, 0
+    for i, part in enumerate(parts, 1):
+        name = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+        os.replace(os.path.join(out_dir, part), os.path.join(out_dir, name))
+        with safe_open(os.path.join(out_dir, name), framework="pt") as f:
+            for k in f.keys():
+                if k in weight_map:
+                    raise HFCheckpointError(f"{k} was written twice (in {weight_map[k]} and {name})")
+                weight_map[k] = name
+                sl = f.get_slice(k)
+                numel = 1
+                for d in sl.get_shape():
+                    numel *= d
+                total += numel * torch.empty((), dtype=_st_dtype(sl.get_dtype())).element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(out_dir, SAFE_INDEX), "w") as f:
+        json.dump(index, f, indent=2)
+    config = cfg.to_hf_config()
+    if dtype is not None:
+        config["torch_dtype"] = _DTYPE_NAMES[dtype]
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if tokenizer_file:
+        if not os.path.isfile(tokenizer_file):
+            raise HFCheckpointError(f"--tokenizer-file {tokenizer_file} does not exist")
+        shutil.copy(tokenizer_file, os.path.join(out_dir, os.path.basename(tokenizer_file)))
+    return index
+
+
+def _st_dtype(name: str) -> torch.dtype:
+    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+            "I64": torch.int64, "I32": torch.int32}[name]
+
+
+def save_hf_dir(out_dir: str, hf_state: dict[str, torch.Tensor], cfg: QwenVLConfig,
+                max_shard_bytes: int = 5 * 2 ** 30, tokenizer_file: str | None = None) -> dict:
+    """A whole HF state dict -> an HF directory (single process helper, used by tests and small models)."""
+    writer = HFShardWriter(out_dir, 0, max_shard_bytes)
+    for k, t in hf_state.items():
+        writer.add(k, t)
+    writer.flush()
+    dtypes = {t.dtype for t in hf_state.values()}
+    return finalize_hf_dir(out_dir, cfg, dtypes.pop() if len(dtypes) == 1 else None, tokenizer_file)
