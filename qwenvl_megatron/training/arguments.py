@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir")
     g.add_argument("--peak-tflops", type=float, default=989.0,
                    help="per-device peak for MFU (989 = H100 SXM dense bf16)")
-    g.add_argument("--exit-after-iters", type=int,
-                   help="stop (with a checkpoint) after this many iterations of this run: staged runs/tests")
+    g.add_argument("--exit-interval", type=int,
+                   help="save and exit when the iteration is a multiple of this (staged runs, tests)")
     g.add_argument("--dry-run", action="store_true", help="print the resolved plan and memory estimate, exit")
     return p
 

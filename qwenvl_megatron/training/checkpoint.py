@@ -128,6 +128,15 @@ def _set_rng(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _optimizer_has_state(optimizer, scheduler) -> bool:
+    """Before the first update there is no optimizer state to save (and megatron cannot reload an empty
+    one). The scheduler's step count is the same on every rank, so all ranks decide alike."""
+    if scheduler is not None:
+        return scheduler.num_steps > 0
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(len(getattr(o, "optimizer", o).state) for o in opts)
+
+
 def _plain(args: Any) -> Any:
     """Arguments as plain JSON-able values (namespaces, dataclasses, dtypes) for the common state."""
     if args is None:
@@ -176,12 +185,14 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, cfg: Qwen
                     scheduler=None, consumed_samples: int = 0, args: Any = None) -> str:
     """Everything needed to continue training bit-for-bit. Collective over all ranks."""
     model_sd = _model_state(model_chunks)
+    has_state = _optimizer_has_state(optimizer, scheduler)
     state = {
         "model": model_sd, "iteration": iteration, "consumed_samples": consumed_samples,
         "checkpoint_version": FORMAT_VERSION, "args": _plain(args), "layout": _layout(),
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=_SHARDING_METADATA),
-        "rng_state": _rng_object(),
+        "optimizer_saved": has_state, "rng_state": _rng_object(),
     }
+    if has_state:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=_SHARDING_METADATA)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     return _save(state, save_dir, iteration, cfg)
@@ -227,12 +238,13 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
         load_model_weights(model_chunks, ckpt)
         return {"iteration": 0, "consumed_samples": 0, "args": common.get("args", {}),
                 "layout": common.get("layout"), "path": ckpt}
-    if "optimizer" not in common and "consumed_samples" not in common:
+    if "consumed_samples" not in common:
         raise CheckpointError(f"{ckpt} holds weights only (no optimizer state); load it with "
                               f"--load-weights-only (or --pretrained-checkpoint)")
     model_sd = _model_state(model_chunks)
     state: dict = {"model": model_sd}
-    if optimizer is not None:
+    load_optimizer = optimizer is not None and common.get("optimizer_saved", True)
+    if load_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                           metadata=_SHARDING_METADATA)
     same_layout = common.get("layout") == _layout()
@@ -240,7 +252,7 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
         state["rng_state"] = _rng_object()
     loaded = _load(state, ckpt)
     unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=True)
-    if optimizer is not None:
+    if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "opt_param_scheduler" in loaded:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])

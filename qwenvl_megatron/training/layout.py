@@ -162,6 +162,31 @@ def _activation_bytes(args, layout: Layout, stage: int, llm_layers: int) -> int:
     return int(total)
 
 
+def flops_per_sample(cfg: QwenVLConfig, seq_length: int, image_size: int, freeze=(), images_per_sample: int = 1) -> float:
+    """Model FLOPs of one training sample (matmuls only; recompute not counted, as MFU defines it).
+
+    A part costs 3x its forward when it trains (input and weight gradients), 2x when frozen but a part
+    upstream of it trains (input gradients only), 1x when nothing upstream trains (no backward at all).
+    """
+    c, v, l = part_parameters(cfg), cfg.vit, cfg.llm
+    patches = (image_size // v.patch_size) ** 2
+    forward = {
+        "vit": images_per_sample * (2 * (c["vit"] - v.pos_grid ** 2 * v.width) * patches
+                                    + 4 * v.num_layers * patches * patches * v.width),
+        "adapter": images_per_sample * (2 * cfg.vit.width * l.hidden_size * patches
+                                        + 2 * 4 * l.hidden_size ** 2 * cfg.adapter.num_queries
+                                        + 4 * cfg.adapter.num_queries * patches * l.hidden_size),
+        "llm": (2 * (l.num_layers * c["llm_layer"] + c["head"]) * seq_length
+                + 4 * l.num_layers * seq_length * seq_length * l.hidden_size / 2),  # causal: half the scores
+    }
+    total, upstream_trains = 0.0, False
+    for part in ("vit", "adapter", "llm"):
+        trains = part not in freeze
+        total += forward[part] * (3 if trains else 2 if upstream_trains else 1)
+        upstream_trains = upstream_trains or trains
+    return total
+
+
 def dry_run_report(args, layout: Layout) -> str:
     cfg = args.model_cfg
     stages = estimate_memory(args, layout)
@@ -188,4 +213,4 @@ def dry_run_report(args, layout: Layout) -> str:
 
 
 __all__ = ["Layout", "LayoutError", "plan_layout", "parallel_plan", "part_parameters", "estimate_memory",
-           "dry_run_report"]
+           "dry_run_report", "flops_per_sample"]
