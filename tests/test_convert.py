@@ -1,0 +1,129 @@
+"""HF checkpoint reading/writing and the key layouts, in one process (no torch.distributed)."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import reference_qwenvl as R
+from qwenvl_megatron.convert.hf_checkpoint import (HFCheckpointError, HFCheckpointReader, save_hf_dir,
+                                                   validate_hf_dir)
+from qwenvl_megatron.convert.hf_layout import UnknownKeyError, hf_key_shapes, hf_sources, hf_to_model
+from qwenvl_megatron.convert.openclip import check_openclip, openclip_to_model
+from qwenvl_megatron.models.config import QwenVLConfig
+from test_convert_parallel import fake_openclip, per_head, save_bin_shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = R.tiny_hf_config()
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def hf_state():
+    return R.random_hf_state_dict(CFG, seed=4)
+
+
+@pytest.mark.parametrize("cfg", [CFG, R.hf_config()], ids=["tiny", "7b"])
+def test_key_shapes_follow_the_config(cfg):
+    mine = {k: shape for k, (shape, _) in hf_key_shapes(QwenVLConfig.from_hf_config(cfg)).items()}
+    assert mine == {k: tuple(v) for k, v in R.hf_key_shapes(cfg).items()}
+
+
+def test_sources_cover_every_hf_key_once_per_use():
+    cfg = QwenVLConfig.from_hf_config(CFG)
+    used = sorted({hk for src in hf_sources(cfg).values() for hk in src})
+    assert used == sorted(hf_key_shapes(cfg))
+
+
+@pytest.mark.parametrize("layout", ["safetensors_index", "bin_index", "single_bin", "single_safetensors"])
+def test_reader_reads_every_layout(hf_state, tmp_path, layout):
+    cfg = QwenVLConfig.from_hf_config(CFG)
+    d = tmp_path / "hf"
+    if layout == "safetensors_index":
+        save_hf_dir(str(d), hf_state, cfg, max_shard_bytes=100_000)
+        assert len(list(d.glob("model-*.safetensors"))) > 2
+    elif layout == "bin_index":
+        save_bin_shards(hf_state, str(d), CFG, per_shard=9)
+    else:
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(CFG))
+        if layout == "single_bin":
+            torch.save(hf_state, d / "pytorch_model.bin")
+        else:
+            save_file(hf_state, str(d / "model.safetensors"))
+    cfg2, reader = validate_hf_dir(str(d))
+    assert cfg2 == cfg
+    got = reader.load(reader.keys())
+    assert sorted(got) == sorted(hf_state)
+    assert all(torch.equal(got[k], hf_state[k]) for k in hf_state)
+    few = reader.load(["lm_head.weight", "transformer.visual.proj"])  # a rank reads only its share
+    assert sorted(few) == ["lm_head.weight", "transformer.visual.proj"]
+
+
+def test_missing_shard_is_named(hf_state, tmp_path):
+    d = tmp_path / "hf"
+    save_bin_shards(hf_state, str(d), CFG, per_shard=20)
+    (d / "pytorch_model-00002-of-00004.bin").unlink()
+    with pytest.raises(HFCheckpointError, match="pytorch_model-00002-of-00004.bin"):
+        HFCheckpointReader(str(d))
+
+
+def test_shape_that_contradicts_the_config_is_named(hf_state, tmp_path):
+    d = tmp_path / "hf"
+    save_bin_shards(hf_state, str(d), dict(CFG, intermediate_size=2 * 48))
+    with pytest.raises(HFCheckpointError, match=r"transformer\.h\.0\.mlp\.(w1|w2|c_proj)\.weight.*intermediate_size"):
+        validate_hf_dir(str(d))
+
+
+def test_unknown_key_is_an_error_not_skipped(hf_state, tmp_path, capsys):
+    d = tmp_path / "hf"
+    save_bin_shards(dict(hf_state, **{"transformer.h.0.attn.rotary.inv_freq": torch.ones(8)}), str(d), CFG)
+    with pytest.raises(UnknownKeyError, match="transformer.h.0.attn.rotary.inv_freq"):
+        validate_hf_dir(str(d))
+    # the tool reports it before starting any rank
+    tool = load_tool("convert_checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["hf-to-mcore", "--hf-dir", str(d), "--out", str(tmp_path / "m"), "--tp", "2", "--pp", "2"])
+    assert exit_info.value.code == 1
+    assert "inv_freq" in capsys.readouterr().err
+
+
+def test_partial_conversion_equals_the_full_one(hf_state):
+    cfg = QwenVLConfig.from_hf_config(CFG)
+    full = hf_to_model(hf_state, cfg)
+    sources = hf_sources(cfg)
+    share = [k for k in full if k.startswith(("adapter.", "language.decoder.layers.1."))]
+    part = hf_to_model({hk: hf_state[hk] for mk in share for hk in sources[mk]}, cfg, partial=True)
+    assert set(share) <= set(part)
+    assert all(torch.equal(part[k], full[k]) for k in share)
+
+
+def test_openclip_import_mapping():
+    cfg = QwenVLConfig.from_hf_config(CFG)
+    clip = fake_openclip(CFG)
+    visual = {k: t for k, t in clip.items() if k.startswith("visual.")}
+    check_openclip({k: tuple(t.shape) for k, t in visual.items()}, cfg, "clip.bin")
+    out = openclip_to_model(visual, cfg)
+    assert torch.equal(out["vision.positional_embedding"], clip["visual.positional_embedding"][1:])
+    heads = CFG["visual"]["heads"]
+    for j in range(CFG["visual"]["layers"]):
+        c, g = f"visual.transformer.resblocks.{j}.", f"vision.decoder.layers.{j}."
+        assert torch.equal(out[g + "self_attention.linear_qkv.weight"], per_head(clip[c + "attn.in_proj_weight"], heads))
+        assert torch.equal(out[g + "input_layernorm.bias"], clip[c + "ln_1.bias"])
+        assert torch.equal(out[g + "mlp.linear_fc2.weight"], clip[c + "mlp.c_proj.weight"])
+    assert not any("class" in k or "ln_post" in k or k.endswith("proj") and "adapter" in k for k in out)
+    assert all(k.startswith("vision.") for k in out)
+    bad = dict({k: tuple(t.shape) for k, t in visual.items()}, **{"visual.transformer.resblocks.0.ls_1.gamma": (32,)})
+    with pytest.raises(UnknownKeyError, match="ls_1"):
+        check_openclip(bad, cfg, "clip.bin")
+    wrong = dict({k: tuple(t.shape) for k, t in visual.items()}, **{"visual.positional_embedding": (256, 32)})
+    with pytest.raises(HFCheckpointError, match="positional_embedding"):
+        check_openclip(wrong, cfg, "clip.bin")
