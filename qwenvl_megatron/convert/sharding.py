@@ -76,8 +76,11 @@ def load_full_state_dict(model, full: dict[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def gather_full_state_dict(model, vocab_size: int) -> dict[str, torch.Tensor]:
-    """This pipeline stage's tensors, gathered over tensor parallelism into full form (unpadded)."""
+def gather_full_state_dict(model, vocab_size: int, grads: bool = False) -> dict[str, torch.Tensor]:
+    """This pipeline stage's tensors, gathered over tensor parallelism into full form (unpadded).
+
+    With `grads=True`, the gradients of the trainable parameters instead (megatron DDP's `main_grad`
+    where present), for comparing parallel layouts."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     group = parallel_state.get_tensor_model_parallel_group()
     out, names = {}, _global_names(model)
@@ -85,15 +88,24 @@ def gather_full_state_dict(model, vocab_size: int) -> dict[str, torch.Tensor]:
         if name.endswith("_extra_state"):
             continue
         gname = names[name]
+        split = getattr(t, "tensor_model_parallel", False) and tp > 1
+        dim = getattr(t, "partition_dim", -1)
+        if grads:
+            if not getattr(t, "requires_grad", False):
+                continue
+            g = getattr(t, "main_grad", None)
+            t = t.grad if g is None else g
+            if t is None:
+                continue
         t = t.detach()
-        if getattr(t, "tensor_model_parallel", False) and tp > 1:
+        if split:
             parts = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(parts, t.contiguous(), group=group)
             if _is_glu_fc1(gname):
                 halves = [p.chunk(2, dim=0) for p in parts]
                 t = torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
             else:
-                t = torch.cat(parts, dim=t.partition_dim)
+                t = torch.cat(parts, dim=dim)
         if gname in VOCAB_KEYS:
             t = t[:vocab_size]
         out[gname] = t.clone()

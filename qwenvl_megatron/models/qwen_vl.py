@@ -37,10 +37,12 @@ def splice_image_features(embeddings: torch.Tensor, input_ids: torch.Tensor, fea
         return embeddings
     seq = input_ids.shape[1]
     ends = starts + q + 1
-    if (ends >= seq).any() or (input_ids[b_idx, ends.clamp(max=seq - 1)] != image_end_id).any():
+    pos = starts.unsqueeze(1) + 1 + torch.arange(q, device=starts.device)  # [n, Q]
+    inner = input_ids[b_idx.unsqueeze(1), pos.clamp(max=seq - 1)]
+    if ((ends >= seq).any() or (input_ids[b_idx, ends.clamp(max=seq - 1)] != image_end_id).any()
+            or ((inner == image_end_id) | (inner == image_start_id)).any()):
         raise ImageSpanError(f"every <img> must be followed by exactly {q} image positions and </img> "
                              f"(the adapter's query count, --num-image-tokens)")
-    pos = starts.unsqueeze(1) + 1 + torch.arange(q, device=starts.device)  # [n, Q]
     flat_rows = (pos * input_ids.shape[0] + b_idx.unsqueeze(1)).reshape(-1)  # row index in [s*b, h]
     flat = embeddings.reshape(-1, h).index_put((flat_rows,), features.reshape(-1, h).to(embeddings.dtype))
     return flat.reshape(embeddings.shape)
@@ -97,3 +99,24 @@ class QwenVLModel(MegatronModule):
                     emb = emb + 0.0 * self.encode_images(dummy).sum()
             decoder_input = emb
         return self.language(decoder_input, input_ids.shape[1], targets, inference_context=inference_context)
+
+
+def parameter_counts(model: QwenVLModel) -> dict[str, int]:
+    """Elements per part as the HF layout groups them (`transformer.visual.*` except `attn_pool` is the
+    ViT, so Qwen-VL's `ln_post`/`proj` count there; the vocabulary is counted unpadded). Counts this
+    rank's tensors: build with TP1/PP1 (e.g. on the meta device) for whole-model numbers."""
+    counts = {"vit": 0, "adapter": 0, "llm": 0}
+    vocab = model.cfg.llm.vocab_size
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name.endswith("_extra_state"):
+            continue
+        n = t.numel()
+        if name.startswith("language.") and ("word_embeddings" in name or "output_layer" in name):
+            n = vocab * t.shape[1]
+        if name.startswith("vision.") or name.startswith(("adapter.ln_post.", "adapter.proj")):
+            counts["vit"] += n
+        elif name.startswith("adapter."):
+            counts["adapter"] += n
+        else:
+            counts["llm"] += n
+    return counts

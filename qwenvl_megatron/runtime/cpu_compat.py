@@ -117,6 +117,16 @@ def _patch_rng():
     # Activation recompute saves and restores the "device" RNG: on CPU that is the default generator.
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # The recomputed forward runs inside autograd's backward, where the function mode installed below is
+    # not on the stack: enter it there too.
+    ckpt = mrandom.CheckpointFunction
+    original_backward = ckpt.backward
+
+    def backward(ctx, *grads):
+        with _CudaToCpu():
+            return original_backward(ctx, *grads)
+
+    ckpt.backward = staticmethod(backward)
 
 
 def is_active() -> bool:
