@@ -154,8 +154,6 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     if not args.dry_run and not args.mock_data and not args.data_paths:
         raise SystemExit("--data-path is required (or --mock-data)")
-    if args.data_paths and not args.tokenizer_model and not args.dry_run:
-        raise SystemExit("--tokenizer-model is required with --data-path (to check the image token ids)")
     if args.load_weights_only and not args.load:
         raise SystemExit("--load-weights-only needs --load")
     return args

@@ -68,6 +68,9 @@ def build_loader(args, layout: Layout, device):
             raise SystemExit(f"tokenizer {args.tokenizer_model} has {tok.vocab_size} ids, more than the "
                              f"model's vocab_size {cfg.llm.vocab_size}")
         pad_id = tok.pad_id
+    else:
+        log("note: no --tokenizer-model, so the image token ids are not checked against a tokenizer; "
+            "padding uses id 0 (padded positions carry no loss and come after the text)")
     transform = ImageTransform(args.image_size, backend=args.image_backend,
                                device=device if device.type == "cuda" else None)
     return MicroBatchLoader(args.data_paths, layout.micro_batch_size, layout.seq_length, transform, pad_id,
