@@ -77,7 +77,7 @@ def test_dry_run_plan(capsys):
 def test_parameter_counts_and_memory_of_the_7b_plan():
     c = part_parameters(qwen_vl_7b())
     llm = 32 * c["llm_layer"] + c["embedding"] + c["head"] + c["final_norm"]
-    assert 7.6e9 < llm < 7.8e9 and 1.8e9 < c["vit"] < 1.95e9 and 0.07e9 < c["adapter"] < 0.09e9
+    assert 7.6e9 < llm < 7.8e9 and 1.8e9 < c["vit"] < 1.95e9 and 0.07e9 < c["adapter"] < 0.1e9
     a = parse_args(["--stage", "1", "--dry-run", "--bf16", "--use-distributed-optimizer"])
     (stage,) = estimate_memory(a, plan_layout(a, 256))
     assert stage["params"] == c["vit"] + c["adapter"] + llm
