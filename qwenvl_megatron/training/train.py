@@ -196,7 +196,7 @@ def train(args, layout: Layout) -> dict:
             eta = (args.train_iters - iteration) * (now - start) / (iteration - start_iteration)
             log(f"iter {iteration}/{args.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
                 f"{layout.global_batch_size / per_iter:.1f} samples/s | {layout.tokens_per_step / per_iter:,.0f} "
-                f"tokens/s | {tflops:.2f} TFLOP/s/GPU | MFU {100 * tflops / args.peak_tflops:.1f}% | "
+                f"tokens/s | {tflops:.3g} TFLOP/s/GPU | MFU {100 * tflops / args.peak_tflops:.3g}% | "
                 f"skipped {skipped_total} | elapsed {_hms(now - start)} | ETA {_hms(eta)}")
             if writer is not None:
                 for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm),

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Stage 2 (paper): multi-task pretraining, everything trainable; 448px, seq 2048, global batch 4096,
+# 19k iterations, LR 5e-5 -> 1e-5 (400 warmup), model parallel 2, activation recompute.
+# Starts from stage 1's weights (fresh optimizer), resumes $CKPT_ROOT/stage2 when it has a checkpoint.
+#   GPU:  DATA_PATH="..." NNODES=... bash examples/pretrain_stage2.sh      CPU demo: bash examples/pretrain_stage2.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+SAVE="$CKPT_ROOT/stage2"
+if [ "$QWENVL_DEMO" = 1 ]; then
+  prepare_demo
+  launch --stage 2 $(demo_flags) --image-size 112 --seq-length 128 --train-iters "${TRAIN_ITERS:-40}" \
+    --lr-warmup-iters 4 --lr 5e-4 --min-lr 1e-5 --data-path "$DEMO_DIR/stage2" --save "$SAVE" \
+    $(load_flags "$SAVE" "$CKPT_ROOT/stage1") "$@"
+else
+  launch --stage 2 --model "${MODEL:-qwen-vl-7b}" --bf16 --use-distributed-optimizer --recompute-activations \
+    --tensor-model-parallel-size "${TP:-2}" --pipeline-model-parallel-size "${PP:-1}" \
+    --micro-batch-size "${MBS:-2}" --data-path ${DATA_PATH:?set DATA_PATH} \
+    --tokenizer-type qwen --tokenizer-model "${TOKENIZER_MODEL:-$REPO/.venv/share/qwen.tiktoken}" \
+    --save "$SAVE" --save-interval "${SAVE_INTERVAL:-500}" --tensorboard-dir "$SAVE/tensorboard" \
+    $(load_flags "$SAVE" "$CKPT_ROOT/stage1") "$@"
+fi
