@@ -44,8 +44,7 @@ def build_stage(cfg: QwenVLConfig, dtype: torch.dtype) -> QwenVLModel:
     """This rank's pipeline stage of the model under the current parallel state, in eval mode."""
     plan = ParallelPlan(tensor_parallel=parallel_state.get_tensor_model_parallel_world_size(),
                         pipeline_parallel=parallel_state.get_pipeline_model_parallel_world_size(),
-                        params_dtype=dtype, bf16=dtype == torch.bfloat16, impl="local",
-                        perform_initialization=False)  # every weight is loaded right after
+                        params_dtype=dtype, bf16=dtype == torch.bfloat16, impl="local")
     model = QwenVLModel(cfg, plan, pre_process=parallel_state.is_pipeline_first_stage(),
                         post_process=parallel_state.is_pipeline_last_stage())
     return model.eval()

@@ -28,8 +28,6 @@ class ParallelPlan:
     bf16: bool = False
     impl: str = "local"  # "te" or "local" (see runtime.layer_impl.resolve_impl)
     init_std: float = 0.02
-    # False skips random initialisation (weights about to be loaded, e.g. by the converter).
-    perform_initialization: bool = True
 
     def validate(self, cfg: QwenVLConfig) -> "ParallelPlan":
         tp, pp = self.tensor_parallel, self.pipeline_parallel
@@ -69,7 +67,6 @@ class ParallelPlan:
             tensor_model_parallel_size=self.tensor_parallel, sequence_parallel=self.sequence_parallel,
             params_dtype=self.params_dtype, bf16=self.bf16, pipeline_dtype=self.params_dtype,
             use_cpu_initialization=True, init_method_std=self.init_std,
-            perform_initialization=self.perform_initialization,
             bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
             gradient_accumulation_fusion=False, apply_rope_fusion=False, bias_dropout_fusion=False,
         )
