@@ -126,3 +126,10 @@ def test_vocab_padding_is_tp_independent_and_masked(tiny_pair):
     with torch.no_grad():
         logits = model(with_images(cfg, [0]))
     assert logits.shape[-1] == cfg.llm.vocab_size  # users see HF sizes
+
+
+def test_fresh_adapter_position_table_is_the_hf_sincos_table():
+    """A freshly initialised adapter (stage-1 init) carries the same fixed table the HF release stores."""
+    from qwenvl_megatron.models.adapter import sincos_2d
+    for dim, grid in ((64, 4), (4096, 16)):
+        assert torch.equal(sincos_2d(dim, grid), R.sincos_2d(dim, grid).float())

@@ -20,8 +20,9 @@ from .vision import resize_positions
 
 
 def sincos_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2D sin-cos table [grid*grid, dim]: the first half of the channels encodes the row... as in
-    MAE: half the channels a 1D sin/cos table of one axis, half of the other."""
+    """Fixed 2D sin-cos table [grid*grid, dim] (cells row-major): the first half of the channels is the 1D
+    sin/cos table of the column index, the second half that of the row index (the MAE / HF order). Only
+    the initial value matters: the table is stored in checkpoints and loaded from HF weights."""
 
     def one_axis(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
