@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         model = train_sentencepiece(sentences, args.vocab_size, args.output, args.model_type, args.verbose)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    except RuntimeError as e:  # sentencepiece's own refusals, e.g. a vocabulary too small for the symbols
+        raise SystemExit(f"--vocab-size {args.vocab_size}: sentencepiece could not train: "
+                         f"{str(e).strip().splitlines()[-1]}") from None
     tokenizer = SentencePieceTokenizer(model)
     print(f"wrote {model} ({tokenizer.vocab_size} pieces) in {time.time() - start:.1f}s", file=sys.stderr)
 
