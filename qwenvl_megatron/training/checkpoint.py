@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..models.config import QwenVLConfig
 from .step import unwrap
@@ -202,7 +203,8 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, cfg: Qwen
 def _load(state: dict, path: str) -> dict:
     try:
         return dist_checkpointing.load(state, path)
-    except Exception as e:  # noqa: BLE001 - re-raised with the checkpoint named
+    # torch's CheckpointException (e.g. a missing shard file) derives from BaseException, not Exception
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised with the checkpoint named
         raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
 
 
