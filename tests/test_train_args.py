@@ -181,3 +181,13 @@ def test_mock_loader_is_dp_independent():
            for r in range(2)]
     assert torch.equal(torch.cat([two[0][0]["input_ids"], two[1][0]["input_ids"]]), one[0]["input_ids"])
     assert torch.equal(torch.cat([two[0][0]["images"], two[1][0]["images"]]), one[0]["images"])
+
+
+def test_init_method_std_reaches_every_part():
+    from qwenvl_megatron.models.config import tiny
+    from qwenvl_megatron.training.layout import parallel_plan
+    plan = parallel_plan(parse_args(["--stage", "2", "--dry-run", "--init-method-std", "0.125"]))
+    cfg = tiny()
+    assert [c.init_method_std for c in (plan.llm_config(cfg), plan.vit_config(cfg), plan.adapter_config(cfg))] \
+        == [0.125] * 3
+    assert parallel_plan(parse_args(["--stage", "2", "--dry-run"])).init_std == 0.02  # Megatron-LM's default

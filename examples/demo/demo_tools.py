@@ -40,15 +40,8 @@ def model_config(args) -> None:
           f"{cfg.vit.image_size}px, {cfg.adapter.num_queries} queries", file=sys.stderr)
 
 
-CAPTION_PROMPT = "Generate the caption in English:"
-
-
 def warmup_records(args) -> None:
-    """Text for the tiny LLM's warm-up: caption sentences of stage 1, the text records of stage 2, and each
-    caption once more after a copy of it and the caption prompt (`a red circle in the top left Generate the
-    caption in English: a red circle in the top left`). A pretrained LLM reads what its context says; the
-    copies teach the tiny one that much, so in stage 1 (LLM frozen) the adapter can hand it the image's
-    content as context instead of meeting an LLM that ignores everything before the prompt."""
+    """Caption sentences of stage 1 plus the text records of stage 2, as `text` records."""
     from qwenvl_megatron.data.formats import iter_records
 
     out = []
@@ -59,8 +52,6 @@ def warmup_records(args) -> None:
         for _, rec in iter_records(path):
             if rec.get("task") == "caption":
                 out.append({"task": "text", "text": rec["caption"]})
-                if args.copy_captions:
-                    out.append({"task": "text", "text": f"{rec['caption']} {CAPTION_PROMPT} {rec['caption']}"})
             elif rec.get("task") == "text":
                 out.append({"task": "text", "text": rec["text"]})
     with open(args.out, "w", encoding="utf-8") as f:
@@ -158,8 +149,6 @@ def main(argv=None) -> int:
     s = sub.add_parser("warmup-records", help="pure-text records for the LLM warm-up")
     s.add_argument("--data-dir", required=True, help="output of tools/make_synthetic_dataset.py")
     s.add_argument("--out", required=True)
-    s.add_argument("--no-copy-captions", dest="copy_captions", action="store_false",
-                   help="leave out the caption-after-its-copy records")
     s = sub.add_parser("summary", help="the demo's result table; exit 1 below the accuracy bar")
     s.add_argument("--work-dir", required=True)
     s.add_argument("--min-accuracy", type=float, default=0.0, help="exit 1 below this (a hard bar)")

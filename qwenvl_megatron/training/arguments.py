@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-6)
     g.add_argument("--vit-lr-decay", type=float, help="ViT layer-wise LR decay (paper: 0.95)")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--init-method-std", type=float, default=0.02,
+                   help="std of the random init of linear weights (fresh parameters only; 0.02 suits wide models, "
+                        "a narrow one learns faster from ~1/sqrt(hidden))")
     g.add_argument("--max-skipped-iters", type=int, default=10,
                    help="stop after this many consecutive steps skipped for a non-finite loss or grad")
     g = p.add_argument_group("data")

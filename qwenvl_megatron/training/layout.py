@@ -41,7 +41,7 @@ def parallel_plan(args) -> ParallelPlan:
     return ParallelPlan(
         tensor_parallel=args.tensor_model_parallel_size, pipeline_parallel=args.pipeline_model_parallel_size,
         first_stage_layers=args.decoder_first_pipeline_num_layers, sequence_parallel=args.sequence_parallel,
-        recompute=tuple(args.recompute), bf16=args.bf16,
+        recompute=tuple(args.recompute), bf16=args.bf16, init_std=args.init_method_std,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         impl=resolve_impl(args.transformer_impl) if not args.dry_run else
         ("te" if args.transformer_impl == "te" or args.sequence_parallel else "local"))
