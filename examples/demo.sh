@@ -58,7 +58,7 @@ MBS=16                   # per-process micro batch; GBS/(MBS*NPROC) microbatches
 WARMUP=(   ""    100   64   2e-3   1e-4   10     64  "vit,adapter"  "warmup")
 STAGE1=(   1     300   32   1e-3   1e-4   20     48  ""             "stage1")
 STAGE2=(   2     1500  32   1e-3   5e-5   50     80  ""             "0.8 stage1 0.2 stage2")
-STAGE3=(   3     60    32   1e-4   1e-5   6      128 ""             "0.8 stage3 0.2 stage1")
+STAGE3=(   3     60    32   5e-5   1e-5   6      128 ""             "0.5 stage3 0.5 stage1")
 
 # ------------------------------------------------------------------------------------------- helpers
 # run NAME CMD...: time CMD, send its output to logs/NAME.log, show progress lines; stop the demo on failure.
@@ -146,7 +146,7 @@ fi
 echo "data $((SECONDS - data_start))" >> "$WORK/times.txt"
 
 # ------------------------------------------------------------------------------------------- 2. training
-train warmup WARMUP
+train warmup WARMUP --init-method-std 0.125
 train stage1 STAGE1 --load "$CKPT/warmup" --load-weights-only
 train stage2 STAGE2 --load "$CKPT/stage1" --load-weights-only
 train stage3 STAGE3 --load "$CKPT/stage2" --load-weights-only
