@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from qwenvl_megatron.convert.launcher import fail, relaunch, under_torchrun
+from qwenvl_megatron.convert.launcher import run_tool
 from qwenvl_megatron.inference.runner import add_model_args
 
 TOOL = "generate"
@@ -123,14 +122,7 @@ def run(args):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    if not under_torchrun() and args.tp * args.pp > 1:
-        sys.exit(relaunch(args.tp * args.pp, os.path.abspath(__file__), argv))
-    try:
-        run(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
-        fail(TOOL, e)
+    run_tool(TOOL, __file__, parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -28,3 +28,16 @@ def fail(tool: str, err: BaseException) -> None:
     where = f" (rank {rank})" if rank is not None else ""
     print(f"{tool}: error{where}: {err}", file=sys.stderr, flush=True)
     sys.exit(1)
+
+
+def run_tool(tool: str, script: str, parse_args, run, argv=None) -> None:
+    """The `main` of a tool with `--tp/--pp`: relaunch itself under torchrun when it needs more than one
+    rank, then `run(args)`, turning the errors a user can fix into one line naming the cause."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if not under_torchrun() and args.tp * args.pp > 1:
+        sys.exit(relaunch(args.tp * args.pp, os.path.abspath(script), argv))
+    try:
+        run(args)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        fail(tool, e)

@@ -28,10 +28,12 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # Under torchrun the env says where the store is; a plain process is a world of one on a free
+        # port (not written into os.environ, so the tools it starts do not inherit a port in use).
+        launched = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
         dist.init_process_group(
             backend="nccl" if torch.cuda.is_available() else "gloo",
+            init_method="env://" if launched else f"tcp://127.0.0.1:{_free_port()}",
             rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
