@@ -33,7 +33,8 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from qwenvl_megatron.data.formats import RecordError, encode_record, resolve_image_path
+from qwenvl_megatron.data.formats import (MalformedRecordError, RecordError, encode_record, read_json_list,
+                                          resolve_image_path)
 from qwenvl_megatron.data.indexed import IndexedDataset, IndexedDatasetWriter, merge_datasets
 from qwenvl_megatron.data.tokenizer import build_tokenizer
 
@@ -70,15 +71,10 @@ def iter_chunks(inputs: list[str], chunk_size: int) -> Iterator[Chunk]:
             yield Chunk(chunk_id, "tar", path)
             chunk_id += 1
         elif path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                try:
-                    data = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"preprocess_data: {path}: invalid JSON: {e}") from None
-            if isinstance(data, dict):
-                data = [data]
-            if not isinstance(data, list):
-                raise SystemExit(f"preprocess_data: {path}: expected a JSON list of records")
+            try:
+                data = read_json_list(path)
+            except MalformedRecordError as e:
+                raise SystemExit(f"preprocess_data: {e}") from None
             for start in range(0, len(data), chunk_size):
                 yield Chunk(chunk_id, "json", path, list(enumerate(data[start:start + chunk_size], start)))
                 chunk_id += 1

@@ -470,22 +470,28 @@ def prompt_for(task: str, tokenizer: Tokenizer, num_image_tokens: int = DEFAULT_
 
 
 # ------------------------------------------------------------------------------------- raw files
+def read_json_list(path: str) -> list:
+    """The records of a `.json` file holding a list of objects (the release's fine-tune format); a single
+    object counts as a list of one."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise MalformedRecordError(f"{path}: invalid JSON: {e}") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise MalformedRecordError(f"{path}: expected a JSON list of records")
+    return data
+
+
 def iter_records(path: str) -> Iterator[tuple[str, dict]]:
     """Yield ``(where, record)`` from a ``.jsonl`` file (one object per line) or a ``.json`` file holding a
     list of objects (the release's fine-tune format). ``where`` is ``"file:line"`` or ``"file[index]"``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise MalformedRecordError(f"{path}: invalid JSON: {e}") from None
-        if isinstance(data, dict):
-            data = [data]
-        if not isinstance(data, list):
-            raise MalformedRecordError(f"{path}: expected a JSON list of records")
-        for i, record in enumerate(data):
+        for i, record in enumerate(read_json_list(path)):
             yield f"{path}[{i}]", record
         return
     with open(path, encoding="utf-8") as f:
