@@ -11,10 +11,8 @@ if [ "$QWENVL_DEMO" = 1 ]; then
     --lr-warmup-iters 4 --lr 2e-4 --min-lr 1e-5 --data-path "$DEMO_DIR/stage3" --save "$SAVE" \
     $(load_flags "$SAVE" "$CKPT_ROOT/stage2") "$@"
 else
-  launch --stage 3 --model "${MODEL:-qwen-vl-7b}" --bf16 --use-distributed-optimizer --recompute-activations \
+  launch --stage 3 $(SAVE_INTERVAL="${SAVE_INTERVAL:-500}" cluster_flags "$SAVE") --recompute-activations \
     --tensor-model-parallel-size "${TP:-2}" --pipeline-model-parallel-size "${PP:-1}" \
     --micro-batch-size "${MBS:-1}" --data-path ${DATA_PATH:?set DATA_PATH} \
-    --tokenizer-type qwen --tokenizer-model "${TOKENIZER_MODEL:-$REPO/.venv/share/qwen.tiktoken}" \
-    --save "$SAVE" --save-interval "${SAVE_INTERVAL:-500}" --tensorboard-dir "$SAVE/tensorboard" \
     $(load_flags "$SAVE" "$CKPT_ROOT/stage2") "$@"
 fi

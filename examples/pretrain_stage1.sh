@@ -15,10 +15,8 @@ if [ "$QWENVL_DEMO" = 1 ]; then
     --lr-warmup-iters 4 --lr 1e-3 --min-lr 1e-5 --data-path "$DEMO_DIR/stage1" --save "$SAVE" \
     $(load_flags "$SAVE" "${INIT_CHECKPOINT:-}") "$@"
 else
-  launch --stage 1 --model "${MODEL:-qwen-vl-7b}" --bf16 --use-distributed-optimizer \
+  launch --stage 1 $(cluster_flags "$SAVE") \
     --tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}" \
     --micro-batch-size "${MBS:-4}" --data-path ${DATA_PATH:?set DATA_PATH (indexed dataset prefixes, optional weights)} \
-    --tokenizer-type qwen --tokenizer-model "${TOKENIZER_MODEL:-$REPO/.venv/share/qwen.tiktoken}" \
-    --save "$SAVE" --save-interval "${SAVE_INTERVAL:-1000}" --tensorboard-dir "$SAVE/tensorboard" \
     $(load_flags "$SAVE" "${INIT_CHECKPOINT:-}") "$@"
 fi
