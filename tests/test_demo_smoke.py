@@ -67,6 +67,14 @@ def test_model_config_follows_the_tokenizer(corpus, tmp_path):
     assert cfg == tiny(vocab_size=tok.vocab_size, image_start_id=tok.img_start_id)
     assert (cfg.image_start_id, cfg.image_end_id, cfg.image_pad_id) == (tok.img_start_id, tok.img_end_id,
                                                                          tok.img_pad_id)
+    # The demo's input size keeps the preset's 8x8 patch grid: 40 px -> 5 px patches, all else the preset.
+    load_tools().main(["model-config", "--tokenizer", prefix + ".model", "--image-size", "40", "--out", str(out)])
+    small = QwenVLConfig.from_hf_config(json.loads(out.read_text()))
+    assert (small.vit.image_size, small.vit.patch_size, small.vit.pos_grid) == (40, 5, 8)
+    assert small == cfg.replace(vit={"image_size": 40, "patch_size": 5})
+    with pytest.raises(ValueError, match="multiple of vit.patch_size"):
+        load_tools().main(["model-config", "--tokenizer", prefix + ".model", "--image-size", "40",
+                           "--patch-size", "6", "--out", str(out)])
 
 
 def _log_line(it, total, loss, sps, elapsed):

@@ -31,13 +31,15 @@ def model_config(args) -> None:
 
     tok = build_tokenizer("sentencepiece", args.tokenizer)
     cfg = tiny(vocab_size=tok.vocab_size, image_start_id=tok.img_start_id)
-    if args.image_size:
-        cfg = cfg.replace(vit={"image_size": args.image_size})
+    if args.image_size or args.patch_size:  # the patch grid stays the preset's 8x8 (64 patches, 16 queries)
+        size = args.image_size or cfg.vit.image_size
+        patch = args.patch_size or size // cfg.vit.pos_grid
+        cfg = cfg.replace(vit={"image_size": size, "patch_size": patch}).validate()
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(cfg.to_hf_config(), f, indent=1)
         f.write("\n")
     print(f"wrote {args.out}: tiny model, vocab {tok.vocab_size}, <img> id {tok.img_start_id}, "
-          f"{cfg.vit.image_size}px, {cfg.adapter.num_queries} queries", file=sys.stderr)
+          f"{cfg.vit.image_size}px in {cfg.vit.patch_size}px patches, {cfg.adapter.num_queries} queries", file=sys.stderr)
 
 
 def warmup_records(args) -> None:
@@ -145,6 +147,8 @@ def main(argv=None) -> int:
     s = sub.add_parser("model-config", help="tiny model config.json sized to the tokenizer")
     s.add_argument("--tokenizer", required=True, help="SentencePiece .model of the demo")
     s.add_argument("--image-size", type=int, default=None, help="override the preset's 112 px")
+    s.add_argument("--patch-size", type=int, default=None,
+                   help="override the patch size (default: image size / 8, the preset's 8x8 patch grid)")
     s.add_argument("--out", required=True)
     s = sub.add_parser("warmup-records", help="pure-text records for the LLM warm-up")
     s.add_argument("--data-dir", required=True, help="output of tools/make_synthetic_dataset.py")
