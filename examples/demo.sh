@@ -10,10 +10,10 @@
 #    `torchrun -m qwenvl_megatron.training.train` on 2 CPU processes (gloo, fp32, data parallel) and
 #    loads only the weights of the stage before (--load ... --load-weights-only);
 # 3. the last checkpoint converted to HF, captions generated for held-out images and scored;
-# 4. a summary table (accuracy against the 0.9 target). Exit status non-zero when a step fails or caption
-#    accuracy is below DEMO_MIN_ACCURACY (default 0: report only).
+# 4. a summary table. Exit status non-zero when a step fails or held-out caption accuracy is below
+#    DEMO_MIN_ACCURACY (default 0.9, the target; measured 0.946 and 0.974 for seeds 0 and 1).
 #
-# Knobs (environment): DEMO_SEED (0), DEMO_NPROC (2), DEMO_MIN_ACCURACY (0), DEMO_REUSE_DATA=1 keeps an
+# Knobs (environment): DEMO_SEED (0), DEMO_NPROC (2), DEMO_MIN_ACCURACY (0.9), DEMO_REUSE_DATA=1 keeps an
 # existing corpus/datasets in WORK_DIR, DEMO_SKIP_SETUP=1 skips tools/setup_env.sh.
 # Measured numbers and what each setting is for: docs/demo.md.
 set -euo pipefail
@@ -28,7 +28,7 @@ TORCHRUN="$root/.venv/bin/torchrun"
 WORK="$(mkdir -p "${1:-demo_output}" && cd "${1:-demo_output}" && pwd)"
 SEED="${DEMO_SEED:-0}"
 NPROC="${DEMO_NPROC:-2}"
-MIN_ACCURACY="${DEMO_MIN_ACCURACY:-0}"  # a hard bar (exit 1 below it); the 0.9 target is reported
+MIN_ACCURACY="${DEMO_MIN_ACCURACY:-0.9}"  # exit 1 below it
 DATA="$WORK/data"
 LOGS="$WORK/logs"
 CKPT="$WORK/checkpoints"

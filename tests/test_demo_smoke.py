@@ -126,3 +126,15 @@ def test_summary_passes_and_fails_on_the_accuracy_bar(tmp_path, capsys):
     assert tools.main(["summary", "--work-dir", bad, "--min-accuracy", "0.8"]) == 0
     os.remove(os.path.join(bad, "eval.json"))
     assert tools.main(["summary", "--work-dir", bad]) == 1
+
+
+def test_vision_probe_trains_and_scores(corpus):
+    """The probe behind the demo's image size (docs/demo.md, run 11) runs on a corpus and reports scores."""
+    probe = os.path.join(ROOT, "examples", "demo", "vision_probe.py")
+    out = subprocess.run([sys.executable, probe, "--data-dir", corpus, "--steps", "3", "--num-train", "20"],
+                         check=True, capture_output=True, text=True).stdout
+    assert "loaded 20 training and 4 held-out images" in out and "40 px in 5 px patches" in out
+    last = [line for line in out.splitlines() if line.startswith("step 3 |")]
+    assert len(last) == 1, out
+    shape = float(last[0].split("held-out shape ")[1].split()[0])
+    assert 0.0 <= shape <= 1.0
