@@ -133,3 +133,29 @@ def test_fresh_adapter_position_table_is_the_hf_sincos_table():
     from qwenvl_megatron.models.adapter import sincos_2d
     for dim, grid in ((64, 4), (4096, 16)):
         assert torch.equal(sincos_2d(dim, grid), R.sincos_2d(dim, grid).float())
+
+
+def test_per_token_loss_matches_reference_cross_entropy(tiny_pair):
+    """The loss path sends only supervised positions through the LM head; every position's loss must equal
+    the cross-entropy of the reference's full logits, and be exactly 0 where the target is ignored."""
+    cfg, ref, model = tiny_pair
+    ids = with_images(cfg, [1, 0, 2], seq=48)
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = -100
+    targets[:, :4] = -100
+    targets[ids == cfg.image_start_id + 2] = -100
+    images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        loss = model(ids, images, targets)
+        logits = ref(ids, images)
+    want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    assert loss.shape == targets.shape
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    assert (loss[targets == -100] == 0).all() and (loss[targets != -100] > 0).all()
+    # A microbatch with nothing supervised: zero loss, and backward still reaches the LM head.
+    nothing = model(ids, images, torch.full_like(targets, -100))
+    assert nothing.shape == targets.shape and nothing.abs().sum() == 0
+    nothing.sum().backward()
+    head = model.language.output_layer.weight
+    assert head.grad is not None and head.grad.abs().sum() == 0
+    model.zero_grad(set_to_none=True)

@@ -71,15 +71,32 @@ class QwenLanguageModel(MegatronModule):
                                   inference_context=inference_context)
         if not self.post_process:
             return hidden
-        logits, _ = self.output_layer(hidden)  # [s, b, v/tp]
-        logits = self._mask_padded_vocab(logits)
         if targets is None:
+            logits = self._logits(hidden)  # [s, b, v/tp]
             full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
             return full[..., : self.vocab_size].transpose(0, 1).contiguous()
-        t = targets.transpose(0, 1)
-        ignore = t == IGNORE_INDEX
-        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), t.masked_fill(ignore, 0))
-        return loss.masked_fill(ignore, 0.0).transpose(0, 1).contiguous()
+        return self._per_token_loss(hidden, targets.transpose(0, 1)).transpose(0, 1).contiguous()
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.output_layer(hidden)
+        return self._mask_padded_vocab(logits)
+
+    def _per_token_loss(self, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """[s, b] cross-entropy, 0 where t == -100.
+
+        Only the supervised positions go through the LM head: a caption supervises a few tokens after
+        hundreds of image and prompt tokens, and [s, b, vocab] fp32 logits are the largest activation of
+        a step. Under sequence parallelism each rank holds a slice of the sequence and the head gathers
+        it, so there every position goes through.
+        """
+        keep = t != IGNORE_INDEX
+        if self.config.sequence_parallel:
+            loss = tensor_parallel.vocab_parallel_cross_entropy(self._logits(hidden).float(), t.masked_fill(~keep, 0))
+            return loss.masked_fill(~keep, 0.0)
+        rows = keep.nonzero(as_tuple=True)
+        logits = self._logits(hidden[rows].unsqueeze(1))  # [n, 1, v/tp]: megatron's linear layers want 3-D
+        picked = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), t[rows].unsqueeze(1)).squeeze(1)
+        return torch.zeros(t.shape, dtype=picked.dtype, device=picked.device).index_put(rows, picked)
 
     def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         if self.padded_vocab_size == self.vocab_size:
