@@ -12,20 +12,15 @@ this image size / patch size / init be learned in the demo's budget?". docs/demo
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
 
 def load_split(path: str, image_size: int, limit: int):
-    """(uint8 images [n, 3, S, S], labels [n, 2] = shape index, colour index) of a file's caption records."""
+    """(normalised images [n, 3, S, S], labels [n, 2] = shape index, colour index) of a file's caption records."""
     from qwenvl_megatron.data.formats import iter_records, resolve_image_path
     from qwenvl_megatron.data.images import ImageTransform
     from qwenvl_megatron.data.synthetic import COLOURS, SHAPES
@@ -41,7 +36,7 @@ def load_split(path: str, image_size: int, limit: int):
             blobs.append(f.read())
         if len(blobs) == limit:
             break
-    return ImageTransform(image_size, backend="pil", normalize=False)(blobs), torch.tensor(labels)
+    return ImageTransform(image_size, backend="pil")(blobs), torch.tensor(labels)
 
 
 def main(argv=None) -> None:
@@ -57,7 +52,6 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from qwenvl_megatron.data.images import CLIP_MEAN, CLIP_STD
     from qwenvl_megatron.data.synthetic import COLOURS, SHAPES
     from qwenvl_megatron.models.config import tiny
     from qwenvl_megatron.models.parallel import ParallelPlan
@@ -75,14 +69,13 @@ def main(argv=None) -> None:
     print(f"loaded {len(x_train)} training and {len(x_test)} held-out images in {time.time() - t0:.0f} s; "
           f"{args.image_size} px in {patch} px patches", flush=True)
 
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     n_shapes, h = len(SHAPES), cfg.llm.hidden_size
     head = torch.nn.Sequential(torch.nn.Linear(h, 128), torch.nn.GELU(), torch.nn.Linear(128, n_shapes + len(COLOURS)))
     params = [q for n, q in model.named_parameters() if n.startswith(("vision.", "adapter."))] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
 
     def logits(x):
-        return head(model.encode_images((x.float() / 255 - mean) / std).mean(1))
+        return head(model.encode_images(x).mean(1))
 
     order = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
