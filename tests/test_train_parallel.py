@@ -46,7 +46,8 @@ def multi(single, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- one step, every split
-@pytest.mark.parametrize("case", ["mbs4x4", "dp2_mbs2x4", "dp2_mbs2x4_distopt", "tp2_mbs16x1", "pp2_mbs4x4"])
+@pytest.mark.parametrize("case", ["mbs4x4", "dp2_mbs2x4", "dp2_mbs2x4_distopt", "dp2_mbs2x4_overlap", "tp2_mbs16x1",
+                                  "pp2_mbs4x4"])
 def test_one_step_gives_the_same_parameters(single, multi, case):
     ref_dir, ref_res = single
     ref = torch.load(ref_dir / "params_mbs16x1.pt")

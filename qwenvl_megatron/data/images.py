@@ -147,8 +147,8 @@ class ImageTransform:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
+        self._mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(CLIP_STD, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pipe = None
         self._lock = threading.Lock()

@@ -118,11 +118,11 @@ class MockLoader:
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         n = self.seq_length + 1
-        tokens = torch.randint(0, min(self.vocab, self.start), (n,), generator=g)
+        tokens = torch.randint(0, min(self.vocab, self.start), (n,), generator=g, device="cpu")  # host data
         tokens[1], tokens[2:2 + self.q], tokens[2 + self.q] = self.start, self.start + 2, self.start + 1
         labels = tokens.clone()
         labels[: 3 + self.q] = IGNORE_INDEX
-        image = torch.randn(3, self.image_size, self.image_size, generator=g)
+        image = torch.randn(3, self.image_size, self.image_size, generator=g, device="cpu")
         return tokens.numpy(), labels.numpy(), image
 
     def microbatch(self, consumed: int, step: int = 0) -> dict:

@@ -107,7 +107,7 @@ def generate_all(model, cfg: QwenVLConfig, tok: Tokenizer, prompts: list[Prompt]
     stop = [tok.eod_id, tok.im_end_id]
     banned = [cfg.image_start_id, cfg.image_end_id, cfg.image_pad_id]
     for n, batch in enumerate(batches, 1):
-        ids = torch.tensor([prompts[i].ids for i in batch], dtype=torch.long)
+        ids = torch.tensor([prompts[i].ids for i in batch], dtype=torch.long, device=device)
         images = load_images([p for i in batch for p in prompts[i].image_paths], cfg.vit.image_size, device)
         out = greedy_generate(model, ids, images, max_new_tokens, stop_ids=stop, banned_ids=banned,
                               use_cache=use_cache)

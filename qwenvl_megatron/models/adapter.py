@@ -42,7 +42,7 @@ class VisionLanguageAdapter(MegatronModule):
         h, dtype = config.hidden_size, config.params_dtype
         self.recompute = recompute
         self.query = torch.nn.Parameter(torch.nn.init.trunc_normal_(torch.empty(adapter.num_queries, h), std=0.02).to(dtype))
-        self.register_buffer("pos_embed", sincos_2d(h, adapter.grid).to(dtype), persistent=True)
+        self.register_buffer("pos_embed", sincos_2d(h, adapter.grid).to(self.query.device, dtype), persistent=True)
         self.kv_proj = torch.nn.Linear(vit_width, h, bias=False, dtype=dtype)
         norm = lambda: build_module(submodules.layer_norm, config=config, hidden_size=h, eps=adapter.norm_eps)
         self.ln_q, self.ln_kv, self.ln_post = norm(), norm(), norm()
@@ -65,11 +65,12 @@ class VisionLanguageAdapter(MegatronModule):
         s, n, _ = x.shape
         kv = self.ln_kv(self.kv_proj(x))  # [s, n, h]
         pos_kv = resize_positions(self.pos_embed, int(round(s ** 0.5))).unsqueeze(1)
-        q_in = (self.ln_q(self.query) + self.pos_embed).unsqueeze(1).expand(-1, n, -1)
-        q, _ = self.linear_q(q_in)
+        # The queries are the same for every image: project them once ([Q, 1, h]; a dense input, as
+        # Transformer Engine's linear layers require) and broadcast the result over the images.
+        q, _ = self.linear_q((self.ln_q(self.query) + self.pos_embed).unsqueeze(1))
         k, _ = self.linear_k(kv + pos_kv)
         v, _ = self.linear_v(kv)
-        shape = lambda t: t.reshape(t.shape[0], n, self.heads_per_rank, self.head_dim)
+        shape = lambda t: t.expand(-1, n, -1).reshape(t.shape[0], n, self.heads_per_rank, self.head_dim)
         ctx = self.core_attention(shape(q), shape(k), shape(v), attention_mask=None,
                                   attn_mask_type=AttnMaskType.no_mask)
         out, _ = self.linear_proj(ctx)

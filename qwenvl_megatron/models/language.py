@@ -35,7 +35,7 @@ class QwenLanguageModel(MegatronModule):
                                                     position_embedding_type="rope")
         self.rotary_pos_emb = RotaryEmbedding(kv_channels=llm.kv_channels, rotary_percent=1.0,
                                               rotary_interleaved=False, rotary_base=llm.rotary_base,
-                                              use_cpu_initialization=True)
+                                              use_cpu_initialization=False)  # on the device, not the CPU
         self.decoder = TransformerBlock(config, layer_spec, pre_process=pre_process, post_process=post_process)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(

@@ -14,6 +14,10 @@ from megatron.core.transformer import TransformerConfig
 from .config import QwenVLConfig
 
 PARTS = ("vit", "adapter", "llm")
+# megatron-core's fused-kernel switches (TransformerConfig fields). Megatron-LM turns them on by default;
+# runtime.layer_impl.available_fusions() says which this machine has kernels for (none on a CPU).
+FUSIONS = ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion", "apply_rope_fusion",
+           "gradient_accumulation_fusion", "persist_layer_norm")
 
 
 @dataclass
@@ -28,6 +32,7 @@ class ParallelPlan:
     bf16: bool = False
     impl: str = "local"  # "te" or "local" (see runtime.layer_impl.resolve_impl)
     init_std: float = 0.02
+    fusions: frozenset = frozenset()  # names from FUSIONS to turn on
 
     def validate(self, cfg: QwenVLConfig) -> "ParallelPlan":
         tp, pp = self.tensor_parallel, self.pipeline_parallel
@@ -57,18 +62,24 @@ class ParallelPlan:
         unknown = set(self.recompute) - set(PARTS)
         if unknown:
             raise ValueError(f"--recompute parts must be among {PARTS}, got {sorted(unknown)}")
+        unknown = set(self.fusions) - set(FUSIONS)
+        if unknown:
+            raise ValueError(f"unknown fusions {sorted(unknown)}; known: {FUSIONS}")
         return self
 
     # ---- megatron configs, one per part ----
-    def _common(self, num_layers, hidden, heads, kv_channels, ffn, recompute) -> dict:
+    def _common(self, num_layers, hidden, heads, kv_channels, ffn, recompute, sequence_parallel=False) -> dict:
+        """Settings every part shares. Sequence parallelism is the LLM's alone: the ViT and the adapter
+        get whole (unscattered) inputs, so under SP they would repeat the work on every TP rank and
+        all-reduce their norm gradients over TP once too often (Megatron-LM keeps SP off in its vision
+        encoders too)."""
         common = dict(
             num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads, kv_channels=kv_channels,
             ffn_hidden_size=ffn, hidden_dropout=0.0, attention_dropout=0.0,
-            tensor_model_parallel_size=self.tensor_parallel, sequence_parallel=self.sequence_parallel,
+            tensor_model_parallel_size=self.tensor_parallel, sequence_parallel=sequence_parallel,
             params_dtype=self.params_dtype, bf16=self.bf16, pipeline_dtype=self.params_dtype,
             use_cpu_initialization=True, init_method_std=self.init_std,
-            bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-            gradient_accumulation_fusion=False, apply_rope_fusion=False, bias_dropout_fusion=False,
+            **{name: name in self.fusions for name in FUSIONS},
         )
         if recompute:
             common.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -81,7 +92,7 @@ class ParallelPlan:
             extra["num_layers_in_first_pipeline_stage"] = self.first_stage_layers
         return TransformerConfig(
             **self._common(l.num_layers, l.hidden_size, l.num_attention_heads, l.kv_channels,
-                           l.ffn_hidden_size, "llm" in self.recompute),
+                           l.ffn_hidden_size, "llm" in self.recompute, self.sequence_parallel),
             pipeline_model_parallel_size=self.pipeline_parallel,
             normalization="RMSNorm", layernorm_epsilon=l.norm_eps,
             add_bias_linear=False, add_qkv_bias=True, gated_linear_unit=True, activation_func=F.silu,
@@ -90,10 +101,13 @@ class ParallelPlan:
 
     def vit_config(self, cfg: QwenVLConfig) -> TransformerConfig:
         v = cfg.vit
-        # The ViT lives whole on the first pipeline stage: it is never split across stages.
+        # The ViT lives whole on the first pipeline stage: it is never split across stages. Its GELU stays
+        # exact: megatron's fused bias-GELU is the tanh approximation, not the erf GELU of the release.
+        common = self._common(v.num_layers, v.width, v.num_heads, v.head_dim, v.ffn_hidden_size,
+                              "vit" in self.recompute)
+        common["bias_activation_fusion"] = False
         return TransformerConfig(
-            **self._common(v.num_layers, v.width, v.num_heads, v.head_dim, v.ffn_hidden_size,
-                           "vit" in self.recompute),
+            **common,
             pipeline_model_parallel_size=1,
             normalization="LayerNorm", layernorm_epsilon=v.norm_eps,
             add_bias_linear=True, gated_linear_unit=False, activation_func=F.gelu,

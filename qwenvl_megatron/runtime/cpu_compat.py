@@ -7,6 +7,9 @@ megatron-core assumes a GPU in a handful of places: it allocates small tensors w
 in CUDA generators. This module answers all of those with the CPU, and is the only place that does.
 
 It is a no-op when CUDA is available, so the same program runs unchanged on GPUs with NCCL.
+
+Where a CUDA tensor is asked for, the answer is the *stand-in* device: the CPU, except inside
+`runtime.device_discipline`, which can make the stand-in `meta` to check placement of a model of any size.
 """
 from __future__ import annotations
 
@@ -18,6 +21,19 @@ from torch.overrides import TorchFunctionMode
 
 _lock = threading.Lock()
 _mode: TorchFunctionMode | None = None
+_stand_in = torch.device("cpu")  # what a request for a CUDA tensor gets
+
+
+def stand_in() -> torch.device:
+    """The device that answers for CUDA on this machine (the CPU unless a discipline test changed it)."""
+    return _stand_in
+
+
+def set_stand_in(device) -> torch.device:
+    """Answer CUDA requests with `device` from now on; returns the previous stand-in."""
+    global _stand_in
+    previous, _stand_in = _stand_in, torch.device(device)
+    return previous
 
 
 def _is_cuda(device) -> bool:
@@ -28,21 +44,28 @@ def _is_cuda(device) -> bool:
     return False
 
 
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
+                    torch.bfloat16: "torch.cuda.BFloat16Tensor", torch.float64: "torch.cuda.DoubleTensor",
+                    torch.int64: "torch.cuda.LongTensor", torch.int32: "torch.cuda.IntTensor",
+                    torch.uint8: "torch.cuda.ByteTensor", torch.bool: "torch.cuda.BoolTensor"}
+
+
 class _CudaToCpu(TorchFunctionMode):
-    """Maps every request for a CUDA tensor to the CPU and reports CPU float tensors under the CUDA type
-    name that megatron's optimizer assertions look for."""
+    """Maps every request for a CUDA tensor to the stand-in device and reports float tensors there under
+    the CUDA type name that megatron's optimizer assertions look for."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
-            return args[0]
+            return args[0].to(_stand_in)
         if "device" in kwargs and _is_cuda(kwargs["device"]):
-            kwargs = dict(kwargs, device="cpu")
+            kwargs = dict(kwargs, device=_stand_in)
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], "cpu") + tuple(args[2:])
+            args = (args[0], _stand_in) + tuple(args[2:])
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+            if args[0].device == _stand_in and args[0].dtype in _CUDA_TYPE_NAMES:
+                return _CUDA_TYPE_NAMES[args[0].dtype]
+            return func(*args)
         if kwargs.get("pin_memory"):
             kwargs = dict(kwargs, pin_memory=False)
         return func(*args, **kwargs)
@@ -129,6 +152,21 @@ def _patch_rng():
     ckpt.backward = staticmethod(backward)
 
 
+def _l2_norm_on_device(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron's no-apex fallback for `multi_tensor_l2norm`, without its round trip through a host
+    tensor and a Python float: the norm stays where the gradients are."""
+    norms = [torch.norm(t) for tensors in tensor_lists for t in tensors]
+    return torch.norm(torch.stack(norms)).float().reshape(1), None
+
+
+def _patch_grad_norm():
+    import megatron.core.optimizer.clip_grads as clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _l2_norm_on_device
+
+
 def is_active() -> bool:
     return _mode is not None
 
@@ -141,9 +179,10 @@ def enable_cpu_compat() -> bool:
     with _lock:
         if _mode is not None:
             return True
-        torch.cuda.current_device = lambda: torch.device("cpu")
+        torch.cuda.current_device = lambda: _stand_in
         torch.cuda.synchronize = lambda *a, **k: None
         _patch_rng()
+        _patch_grad_norm()
         _mode = _CudaToCpu()
         _mode.__enter__()
         return True

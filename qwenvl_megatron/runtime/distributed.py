@@ -7,13 +7,16 @@ import os
 import torch
 import torch.distributed as dist
 
+from . import cpu_compat
 from .cpu_compat import enable_cpu_compat
 
 
 def device() -> torch.device:
+    """Where the model, its batches and every tensor of a collective live: this rank's GPU, else the
+    device standing in for it (the CPU; `meta` inside a placement check)."""
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return cpu_compat.stand_in()
 
 
 def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,

@@ -25,6 +25,16 @@ STAGE_PRESETS = {
             train_iters=8000, global_batch_size=128, vit_lr_decay=0.95),
 }
 
+# Megatron-LM's flags that turn a fused kernel off -> the TransformerConfig field (models.parallel.FUSIONS).
+FUSION_FLAGS = {
+    "--no-bias-swiglu-fusion": "bias_activation_fusion",
+    "--no-bias-dropout-fusion": "bias_dropout_fusion",
+    "--no-masked-softmax-fusion": "masked_softmax_fusion",
+    "--no-rope-fusion": "apply_rope_fusion",
+    "--no-gradient-accumulation-fusion": "gradient_accumulation_fusion",
+    "--no-persist-layer-norm": "persist_layer_norm",
+}
+
 # Used when neither the command line nor a stage preset says otherwise.
 DEFAULTS = dict(freeze="", image_size=None, seq_length=2048, lr=1e-4, min_lr=0.0, lr_warmup_iters=0,
                 train_iters=None, global_batch_size=None, vit_lr_decay=1.0)
@@ -89,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--transformer-impl", default="auto", choices=["auto", "te", "local"])
     g.add_argument("--bf16", action="store_true", help="bf16 weights/compute with fp32 master weights (GPU)")
     g.add_argument("--world-size", type=int, help="plan for this many processes (--dry-run without torchrun)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce gradients bucket by bucket during the backward pass (Megatron-LM's flag)")
+    g = p.add_argument_group("fused kernels", "on by default where this machine has the kernels (GPU), as in "
+                             "Megatron-LM; never on a CPU")
+    for flag, fusion in FUSION_FLAGS.items():
+        g.add_argument(flag, dest=flag[2:].replace("-", "_"), action="store_true", help=f"turn off {fusion}")
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int)
@@ -141,6 +157,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.freeze = _parts(args.freeze, "--freeze")
     args.recompute = PARTS if args.recompute_activations else _parts(args.recompute, "--recompute")
     args.data_paths, args.data_weights = parse_blend(args.data_path)
+    args.disabled_fusions = tuple(f for flag, f in FUSION_FLAGS.items() if getattr(args, flag[2:].replace("-", "_")))
     args.model_cfg = load_model_config(args)
     if args.image_size is None:
         args.image_size = args.model_cfg.vit.image_size
@@ -193,4 +210,4 @@ def args_record(args: argparse.Namespace) -> dict:
     return out
 
 
-__all__ = ["STAGE_PRESETS", "build_parser", "parse_args", "resolve", "parse_blend", "args_record"]
+__all__ = ["STAGE_PRESETS", "FUSION_FLAGS", "build_parser", "parse_args", "resolve", "parse_blend", "args_record"]

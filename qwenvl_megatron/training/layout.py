@@ -36,9 +36,10 @@ class Layout:
 
 
 def parallel_plan(args) -> ParallelPlan:
-    from ..runtime.layer_impl import resolve_impl
+    from ..runtime.layer_impl import available_fusions, resolve_impl
     import torch
     return ParallelPlan(
+        fusions=available_fusions() - set(args.disabled_fusions),
         tensor_parallel=args.tensor_model_parallel_size, pipeline_parallel=args.pipeline_model_parallel_size,
         first_stage_layers=args.decoder_first_pipeline_num_layers, sequence_parallel=args.sequence_parallel,
         recompute=tuple(args.recompute), bf16=args.bf16, init_std=args.init_method_std,

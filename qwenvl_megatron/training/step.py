@@ -17,18 +17,27 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ..models.config import QwenVLConfig
 from ..models.parallel import ParallelPlan
 from ..models.qwen_vl import QwenVLModel
+from ..runtime import device as runtime_device, misplaced_tensors
 
 IGNORE_INDEX = -100
 
 
 def build_model(cfg: QwenVLConfig, plan: ParallelPlan, *, freeze=None, wrap_ddp: bool = True,
-                use_distributed_optimizer: bool = False) -> list[torch.nn.Module]:
-    """This rank's pipeline stage of the model, as a list of chunks (megatron's convention).
+                use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
+                device: torch.device | None = None) -> list[torch.nn.Module]:
+    """This rank's pipeline stage of the model on `device` (default: the training device), as a list of
+    chunks (megatron's convention).
 
-    `freeze(model)` runs before DDP wraps the model, so frozen parameters get no gradient buffer.
+    Built under the device (the full-size init of megatron's CPU-initialisation mode then runs there too)
+    and moved there whole before DDP wraps it: megatron's DDP moves only the trainable parameters, but
+    frozen parts and buffers must be on the GPU as well. `freeze(model)` runs before DDP wraps the model,
+    so frozen parameters get no gradient buffer.
     """
-    model = QwenVLModel(cfg, plan, pre_process=parallel_state.is_pipeline_first_stage(),
-                        post_process=parallel_state.is_pipeline_last_stage())
+    device = device or runtime_device()
+    with torch.device(device):
+        model = QwenVLModel(cfg, plan, pre_process=parallel_state.is_pipeline_first_stage(),
+                            post_process=parallel_state.is_pipeline_last_stage())
+    model.to(device)
     if freeze is not None:
         freeze(model)
     config = model.config
@@ -38,11 +47,17 @@ def build_model(cfg: QwenVLConfig, plan: ParallelPlan, *, freeze=None, wrap_ddp:
     ddp = DistributedDataParallel(
         config=config,
         ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
             use_distributed_optimizer=use_distributed_optimizer),
         module=model)
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads
+    if overlap_grad_reduce:  # the schedule starts each bucket's reduction as its gradients are ready
+        config.grad_sync_func = ddp.start_grad_sync
+    misplaced = misplaced_tensors(ddp, device)
+    if misplaced:
+        raise RuntimeError(f"model tensors not on {device} after placement: {', '.join(misplaced[:8])}"
+                           f"{' ...' if len(misplaced) > 8 else ''}")
     return [ddp]
 
 
@@ -75,7 +90,7 @@ def forward_backward(model: list, batches: Iterable[dict], num_microbatches: int
         forward_step_func=forward_step, data_iterator=iter(batches), model=model,
         num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
         forward_only=forward_only)
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=runtime_device())  # NCCL reduces device tensors only
     for item in losses:
         total += item["lm loss"].double()
     # Sum over data-parallel replicas, then share the last stage's numbers with the whole pipeline.

@@ -130,8 +130,9 @@ def train(args, layout: Layout) -> dict:
     "iteration", "consumed_samples", "skipped"} (identical on every rank)."""
     device = initialize(layout.tensor_parallel, layout.pipeline_parallel, seed=args.seed)
     cfg, plan = args.model_cfg, parallel_plan(args)
-    model = build_model(cfg, plan, freeze=lambda m: freeze(m, args.freeze),
-                        use_distributed_optimizer=args.use_distributed_optimizer)
+    model = build_model(cfg, plan, freeze=lambda m: freeze(m, args.freeze), device=device,
+                        use_distributed_optimizer=args.use_distributed_optimizer,
+                        overlap_grad_reduce=args.overlap_grad_reduce)
     settings = OptimizerSettings(lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
                                  adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
                                  clip_grad=args.clip_grad, vit_lr_decay=args.vit_lr_decay, bf16=args.bf16,

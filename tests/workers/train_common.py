@@ -14,6 +14,11 @@ def config():
 
 def global_samples(cfg, seed=0, n=GBS, seq=SEQ):
     """n samples: input_ids [seq], targets [seq] (some -100), images [k, 3, S, S] with k in {0, 1, 2}."""
+    with torch.device("cpu"):  # host data, as the loader's threads make it
+        return _global_samples(cfg, seed, n, seq)
+
+
+def _global_samples(cfg, seed, n, seq):
     g = torch.Generator().manual_seed(seed)
     q, s_id, size = cfg.adapter.num_queries, cfg.image_start_id, cfg.vit.image_size
     out = []
@@ -43,7 +48,7 @@ def microbatches(samples, mbs, dp_rank, dp):
     return out
 
 
-def one_step(cfg, init_full, mbs, tp=1, pp=1, distributed_optimizer=False, steps=1, lr=1e-3):
+def one_step(cfg, init_full, mbs, tp=1, pp=1, distributed_optimizer=False, steps=1, lr=1e-3, overlap=False):
     """`steps` optimizer updates on the fixed global batch from the `init_full` weights under a layout.
     Returns (losses, grad norms, full parameters after the updates) on every rank."""
     import torch.distributed as dist
@@ -58,7 +63,7 @@ def one_step(cfg, init_full, mbs, tp=1, pp=1, distributed_optimizer=False, steps
     initialize(tp, pp, seed=5)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     model = build_model(cfg, ParallelPlan(tensor_parallel=tp, pipeline_parallel=pp),
-                        use_distributed_optimizer=distributed_optimizer)
+                        use_distributed_optimizer=distributed_optimizer, overlap_grad_reduce=overlap)
     load_full_state_dict(unwrap(model[0]), init_full)
     settings = OptimizerSettings(lr=lr, min_lr=lr / 10, weight_decay=0.05, clip_grad=1.0, vit_lr_decay=0.9,
                                  use_distributed_optimizer=distributed_optimizer)

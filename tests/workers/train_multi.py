@@ -1,7 +1,7 @@
 """Two-process torchrun worker for the trainer tests.
 
 1. One update of the 16-sample global batch under DP2 x MBS2 x 4 (with and without the distributed
-   optimizer), TP2 (MBS16 x 1) and PP2 (MBS4 x 4), from the weights in --init: params_<case>.pt.
+   optimizer, and with gradient reduction overlapped with the backward pass), TP2 (MBS16 x 1) and PP2 (MBS4 x 4), from the weights in --init: params_<case>.pt.
 2. Exact resume: train.main for 4 iterations on a small indexed dataset, vs 2 iterations + exit + resume.
 3. The uninterrupted run's checkpoint loaded under TP1/DP2, TP2 and PP2: the same loss on a fixed batch,
    and (optimizer resharded) the same weights after one more update.
@@ -97,6 +97,7 @@ def main():
     init = torch.load(a.init)
     result = {"steps": {}}
     for case, kw in (("dp2_mbs2x4", dict(mbs=2)), ("dp2_mbs2x4_distopt", dict(mbs=2, distributed_optimizer=True)),
+                     ("dp2_mbs2x4_overlap", dict(mbs=2, distributed_optimizer=True, overlap=True)),
                      ("tp2_mbs16x1", dict(mbs=16, tp=2)), ("pp2_mbs4x4", dict(mbs=4, pp=2))):
         losses, norms, full = T.one_step(cfg, init, **kw)
         result["steps"][case] = {"losses": losses, "grad_norms": norms}
@@ -127,4 +128,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from qwenvl_megatron.runtime import device_discipline
+    with device_discipline():  # host and device apart, as on a GPU machine (runtime/device_discipline.py)
+        main()

@@ -105,4 +105,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from qwenvl_megatron.runtime import device_discipline
+    with device_discipline():  # host and device apart, as on a GPU machine (runtime/device_discipline.py)
+        main()
