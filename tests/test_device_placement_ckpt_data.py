@@ -223,3 +223,48 @@ def test_checkpoint_for_another_model_is_refused_in_one_line(cfg, tmp_path, monk
     ckpt.load_checkpoint(str(tmp_path / "full"), stage2, s_opt, s_sched)
     _assert_same(_weights(stage2), _weights(model))
     assert tensors_read
+
+
+# ---------------------------------------------------------------------- TP ranks share image decoding (B)
+@pytest.fixture(scope="module")
+def tp_images(tmp_path_factory):
+    import socket
+    out = tmp_path_factory.mktemp("tp_images")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           port, os.path.join(HERE, "workers", "tp_images.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads((out / "tp_images.json").read_text())
+
+
+def test_tp_ranks_decode_their_share_and_gather_the_full_batch(tp_images):
+    ranks = [r["shares"] for r in tp_images["ranks"]]
+    counts = ranks[0]["image_counts"]
+    assert 0 in counts and 1 in counts and any(n % 2 and n > 1 for n in counts)  # empty, one, uneven shares
+    for r in ranks:
+        assert all(r["equal"]) and all(r["share_ok"])  # bit for bit the full decode; only its own images
+    assert ranks[0]["decoded"] + ranks[1]["decoded"] == ranks[0]["total"]
+    assert [r["decoded"] for r in ranks] == [sum((n + 1) // 2 for n in counts), sum(n // 2 for n in counts)]
+
+
+def test_corrupt_image_raises_on_every_tp_rank_without_a_hang(tp_images):
+    bad = tp_images["bad_prefix"]
+    per_rank = [r["corrupt"] for r in tp_images["ranks"]]
+    assert [r["after"] for r in tp_images["ranks"]] == [3.0, 3.0]  # both ranks reached the next collective
+    for rank, cases in enumerate(per_rank):
+        for c in cases:
+            s, j = c["sample"], c["bad_image"]
+            assert c["message"].startswith(f"image #{j} of the batch cannot be decoded: {bad} sample {s} image {j}: ")
+            assert c["own_error"] == (j % 2 == rank)  # only the rank that decoded it failed to
+            assert c["decoded"] == (2 if rank == 0 else 1)
+    assert [c["message"] for c in per_rank[0]] == [c["message"] for c in per_rank[1]]
+    assert {c["bad_image"] % 2 for c in per_rank[0]} == {0, 1}  # either rank may be the one that fails
+
+
+def test_tp2_training_loss_unchanged_by_shared_decoding(tp_images):
+    for r in tp_images["ranks"]:
+        assert r["train"]["shared"] == r["train"]["full"] and len(r["train"]["shared"]) == 2
