@@ -9,6 +9,14 @@ Each sample is cut or padded to `seq_length + 1` tokens and shifted: `input_ids 
 `targets = labels[1:]` (labels are HF-style, unshifted, -100 = no loss; padding gets -100). A cut never
 splits an image span: the sample ends before an `<img>` whose span would not fit, and that image is
 dropped. The microbatch's images are stacked in row-major span order, which is what the model expects.
+
+Under tensor parallelism every rank of a TP group gets the same samples, so image decoding is split:
+TP rank r decodes images r, r + tp, r + 2 tp, ... of each microbatch (in the loader's background thread),
+and `gather_images`, called on the main thread once the batch is on the training device, all-gathers
+the pixels over the TP group into the full `images` tensor. The gather stays off the loader thread
+because NCCL collectives must not run concurrently with the training step's. A corrupt image does not
+raise in the loader thread under TP: the error travels with the batch and `gather_images` raises it on
+every rank of the group after they have agreed on it, so no rank is left waiting in the gather.
 """
 from __future__ import annotations
 
@@ -17,12 +25,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .images import CorruptImageError, ImageTransform
 from .indexed import IndexedDataset
 from .sampler import SampleOrder
 
 IGNORE_INDEX = -100
+_PIXEL_DTYPES = (torch.float32, torch.uint8, torch.bfloat16, torch.float16)
 
 
 def fit_sample(tokens: np.ndarray, labels: np.ndarray, seq_length: int, pad_id: int, image_start_id: int,
@@ -48,11 +58,14 @@ class MicroBatchLoader:
     datasets: indexed datasets (or prefixes); weights: blend weights (None = by size is NOT implied:
     equal weights, per SampleOrder). `global_batch(consumed, num_microbatches)` -> list of dicts with
     `input_ids` [b, s] long, `targets` [b, s] long, `images` [n, 3, S, S] float or None.
+    With `tensor_parallel_size` > 1 (default: megatron's parallel state when initialised, else 1) a batch
+    with images holds only this rank's share until `gather_images` (module docstring).
     """
 
     def __init__(self, datasets: Sequence, micro_batch_size: int, seq_length: int, image_transform,
                  pad_id: int, image_start_id: int, num_image_tokens: int, weights: Sequence[float] | None = None,
-                 seed: int = 1234, data_parallel_rank: int = 0, data_parallel_size: int = 1):
+                 seed: int = 1234, data_parallel_rank: int = 0, data_parallel_size: int = 1,
+                 tensor_parallel_rank: int | None = None, tensor_parallel_size: int | None = None):
         self.datasets = [d if isinstance(d, IndexedDataset) else IndexedDataset(d) for d in datasets]
         if not self.datasets:
             raise ValueError("MicroBatchLoader: no datasets (--data-path)")
@@ -61,6 +74,12 @@ class MicroBatchLoader:
         self.rank, self.world = data_parallel_rank, data_parallel_size
         self.transform = image_transform
         self.pad_id, self.image_start_id, self.num_image_tokens = pad_id, image_start_id, num_image_tokens
+        if tensor_parallel_size is None:
+            from megatron.core import parallel_state
+            if parallel_state.model_parallel_is_initialized():
+                tensor_parallel_rank = parallel_state.get_tensor_model_parallel_rank()
+                tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_rank, self.tp_size = tensor_parallel_rank or 0, tensor_parallel_size or 1
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="loader")
 
     def sample_ids(self, consumed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,14 +99,26 @@ class MicroBatchLoader:
             blobs.extend((d, i, j, b) for j, b in enumerate(images[:kept]))
         batch = {"input_ids": torch.from_numpy(np.stack(ids)), "targets": torch.from_numpy(np.stack(tgts)),
                  "images": None}
-        if blobs:
+        if blobs and self.tp_size == 1:
+            batch["images"] = self._decode(blobs, range(len(blobs)))
+        elif blobs:  # this TP rank's share; gather_images completes it (and raises a decode error)
+            mine = range(self.tp_rank, len(blobs), self.tp_size)
+            batch["image_count"], batch["image_error"] = len(blobs), None
             try:
-                batch["images"] = self.transform([b for *_, b in blobs])
+                batch["images"] = self._decode(blobs, mine) if len(mine) else None
             except CorruptImageError as e:
-                d, i, j, _ = blobs[e.index] if e.index is not None else (None, None, None, None)
-                where = f"{self.datasets[d].prefix} sample {i} image {j}" if d is not None else "a sample"
-                raise CorruptImageError(e.index, f"{where}: {e.reason}") from e
+                batch["image_error"] = e
         return batch
+
+    def _decode(self, blobs: list, which: range) -> torch.Tensor:
+        """Images `which` of the microbatch; a corrupt one is named by dataset file, sample and image."""
+        try:
+            return self.transform([blobs[k][3] for k in which])
+        except CorruptImageError as e:
+            k = which[e.index] if e.index is not None else None
+            d, i, j, _ = blobs[k] if k is not None else (None, None, None, None)
+            where = f"{self.datasets[d].prefix} sample {i} image {j}" if d is not None else "a sample"
+            raise CorruptImageError(k, f"{where}: {e.reason}") from e
 
     def global_batch(self, consumed: int, num_microbatches: int) -> list[dict]:
         return [self.microbatch(consumed, k) for k in range(num_microbatches)]
@@ -100,6 +131,51 @@ class MicroBatchLoader:
             consumed += global_batch_size
             future = self._pool.submit(self.global_batch, consumed, num_microbatches)
             yield batch
+
+
+def gather_images(batch: dict, group=None) -> dict:
+    """Complete a microbatch whose images were decoded in shares over the tensor-parallel group.
+
+    Call on the main thread after the batch is on the training device (NCCL gathers device tensors; on
+    gloo the device is the CPU); every rank of the group calls it for the same microbatches. Batches
+    without shares (TP 1, no images, MockLoader) pass through. First one small all-gather of
+    (failed, image shape, dtype) per rank: if any rank failed to decode, every rank raises that
+    CorruptImageError (the failing rank its own); otherwise the shares, padded to equal size, are
+    all-gathered and interleaved back into microbatch order.
+    """
+    if "image_count" not in batch:
+        return batch
+    batch = dict(batch)
+    n, error, share = batch.pop("image_count"), batch.pop("image_error"), batch["images"]
+    if group is None:
+        from megatron.core import parallel_state
+        group = parallel_state.get_tensor_model_parallel_group()
+    size, device = dist.get_world_size(group), batch["input_ids"].device
+    meta = torch.zeros(5, dtype=torch.int64)
+    if error is not None:
+        meta[0] = 1
+    elif share is not None:
+        meta[1:4] = torch.tensor(share.shape[1:])
+        meta[4] = _PIXEL_DTYPES.index(share.dtype)
+    metas = [torch.empty(5, dtype=torch.int64, device=device) for _ in range(size)]
+    dist.all_gather(metas, meta.to(device), group=group)
+    metas = [m.tolist() for m in metas]
+    if any(m[0] for m in metas):
+        errors = [None] * size
+        dist.all_gather_object(errors, None if error is None else (error.index, error.reason), group=group)
+        if error is not None:
+            raise error
+        raise CorruptImageError(*next(e for e in errors if e is not None))
+    shape, dtype = next((m[1:4], _PIXEL_DTYPES[m[4]]) for m in metas if m[1])
+    per_rank = -(-n // size)
+    padded = torch.zeros((per_rank, *shape), dtype=dtype, device=device)
+    if share is not None:
+        padded[: len(share)] = share
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded, group=group)
+    # Rank r's p-th image is image p * size + r of the microbatch.
+    batch["images"] = torch.stack(parts, 1).flatten(0, 1)[:n]
+    return batch
 
 
 class MockLoader:
@@ -142,4 +218,4 @@ class MockLoader:
             consumed += global_batch_size
 
 
-__all__ = ["fit_sample", "MicroBatchLoader", "MockLoader", "ImageTransform", "IGNORE_INDEX"]
+__all__ = ["fit_sample", "MicroBatchLoader", "MockLoader", "gather_images", "ImageTransform", "IGNORE_INDEX"]

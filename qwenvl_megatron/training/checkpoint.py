@@ -12,6 +12,13 @@ and for full saves also `optimizer` (reshardable form), `opt_param_scheduler`, `
 per rank), `consumed_samples`, `iteration` and `args`. Weights-only saves (converter output, stage
 hand-over) hold `model`, `iteration` and `args` only.
 
+Transformer Engine and local layers write one format. TE modules carry `_extra_state` (FP8 scaling
+metadata; megatron stores it as a ShardedObject) that local modules lack or keep empty, so loads accept
+a checkpoint without it (TE keeps its fresh, empty state) and ignore it on a local model; every other
+missing or unexpected key is a `CheckpointError` naming the checkpoint and the keys. A checkpoint saved
+for a different network (its `model_config.json` differs in anything but `vit.image_size`, which stages
+1 and 2 change) is refused before any tensor is read.
+
 A save is atomic: every rank writes into `iter_XXXXXXX.tmp`, rank 0 renames it into place once all ranks
 have finished, and only then moves the marker. A crash mid-save leaves the previous checkpoint current.
 """
@@ -27,6 +34,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..models.config import QwenVLConfig
@@ -37,6 +45,11 @@ MODEL_CONFIG = "model_config.json"
 FORMAT_VERSION = 1
 # Reshardable over TP, PP and DP (megatron's default for the distributed optimizer is DP-only).
 _SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+EXTRA_STATE = "_extra_state"  # TE's per-module FP8 metadata: optional in either direction
+_NOT_MODEL = ("optimizer.", "rng_state")  # checkpoint keys that are not model weights
+# Config fields a checkpoint may differ in: the resolution (stage 1 trains at 224, stage 2 at 448; the
+# learned position table is pos_grid x pos_grid, resized to the patch grid, so no weight depends on it).
+RESOLUTION_FIELDS = ("vit.image_size",)
 
 
 class CheckpointError(RuntimeError):
@@ -73,6 +86,26 @@ def resolve_checkpoint_dir(path: str, iteration: int | None = None) -> str:
     if not os.path.isfile(os.path.join(target, "metadata.json")):
         raise CheckpointError(f"checkpoint directory {target} is missing or incomplete (no metadata.json)")
     return target
+
+
+def config_differences(saved: QwenVLConfig, running: QwenVLConfig) -> list[str]:
+    """'part.field saved != running' for each field in which two configs describe different networks."""
+    def flat(cfg):
+        out = {f"{part}.{k}": v for part in ("llm", "vit", "adapter") for k, v in asdict(getattr(cfg, part)).items()}
+        return {**out, "image_start_id": cfg.image_start_id}
+    a, b = flat(saved), flat(running)
+    return [f"{k} {a[k]} != {b[k]}" for k in a if k not in RESOLUTION_FIELDS and a[k] != b[k]]
+
+
+def check_model_config(ckpt: str, cfg: QwenVLConfig) -> None:
+    """Refuse a checkpoint saved for another network in one line, before megatron reads any tensor.
+    (Checkpoints without model_config.json, which this module never writes, are not checked.)"""
+    if not os.path.isfile(os.path.join(ckpt, MODEL_CONFIG)):
+        return
+    diff = config_differences(read_model_config(ckpt), cfg)
+    if diff:
+        raise CheckpointError(f"checkpoint {ckpt} was saved for a different model: {', '.join(diff)} "
+                              f"(checkpoint != running model)")
 
 
 def read_model_config(path: str) -> QwenVLConfig:
@@ -201,11 +234,41 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, cfg: Qwen
 
 # ---------------------------------------------------------------------------------------------- load
 def _load(state: dict, path: str) -> dict:
+    """dist_checkpointing.load that tolerates TE `_extra_state` in either direction and names any other
+    key the model and the checkpoint disagree on. Mismatches are collected on every rank and raised after
+    the (collective) load, so no rank is left waiting in it."""
     try:
-        return dist_checkpointing.load(state, path)
+        loaded, missing, unexpected = dist_checkpointing.load(state, path, strict=StrictHandling.RETURN_ALL)
     # torch's CheckpointException (e.g. a missing shard file) derives from BaseException, not Exception
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised with the checkpoint named
         raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+    # `unexpected` (asked for, not in the checkpoint) differs per rank; `missing` is global already.
+    unexpected = {k for k in unexpected if not k.endswith(EXTRA_STATE)}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, sorted(unexpected))
+        unexpected = set().union(*parts)
+    missing = {k for k in missing if not k.endswith(EXTRA_STATE) and not k.startswith(_NOT_MODEL)}
+    _raise_mismatch(path, missing, unexpected)
+    return loaded
+
+
+def _raise_mismatch(path: str, ckpt_only, model_only) -> None:
+    problems = []
+    if model_only:
+        problems.append(f"the model needs keys the checkpoint does not have: {sorted(model_only)}")
+    if ckpt_only:
+        problems.append(f"the checkpoint has keys the model does not have: {sorted(ckpt_only)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {'; '.join(problems)}")
+
+
+def _load_weights(model, model_sd: dict, path: str) -> None:
+    """load_state_dict that lets TE modules keep their own extra state when the checkpoint (local layers)
+    has none, and drops extra state a local module has no place for; anything else must match."""
+    result = model.load_state_dict(model_sd, strict=False)
+    _raise_mismatch(path, [k for k in result.unexpected_keys if not k.endswith(EXTRA_STATE)],
+                    [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)])
 
 
 def _common(path: str) -> dict:
@@ -220,8 +283,9 @@ def load_model_weights(model_chunks: list, path: str, iteration: int | None = No
     (iteration, args, ...). Optimizer state in the checkpoint, if any, is ignored."""
     ckpt = resolve_checkpoint_dir(path, iteration)
     model = unwrap(model_chunks[0])
+    check_model_config(ckpt, model.cfg)
     loaded = _load({"model": _model_state(model_chunks)}, ckpt)
-    model.load_state_dict(loaded["model"], strict=True)
+    _load_weights(model, loaded["model"], ckpt)
     common = _common(ckpt)
     common.pop("model", None)
     return common
@@ -235,6 +299,7 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
     and consumed_samples 0 (a new stage starts counting afresh).
     """
     ckpt = resolve_checkpoint_dir(path, iteration)
+    check_model_config(ckpt, unwrap(model_chunks[0]).cfg)
     common = _common(ckpt)
     if weights_only:
         load_model_weights(model_chunks, ckpt)
@@ -253,7 +318,7 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
     if same_layout:
         state["rng_state"] = _rng_object()
     loaded = _load(state, ckpt)
-    unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=True)
+    _load_weights(unwrap(model_chunks[0]), loaded["model"], ckpt)
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "opt_param_scheduler" in loaded:
@@ -265,5 +330,5 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
 
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_model_weights", "load_model_weights",
-           "read_model_config", "latest_iteration", "resolve_checkpoint_dir", "iter_dir", "MARKER",
-           "MODEL_CONFIG"]
+           "read_model_config", "check_model_config", "config_differences", "latest_iteration",
+           "resolve_checkpoint_dir", "iter_dir", "MARKER", "MODEL_CONFIG"]

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ..data.images import ImageTransform
-from ..data.loader import MicroBatchLoader, MockLoader
+from ..data.loader import MicroBatchLoader, MockLoader, gather_images
 from ..runtime import initialize
 from . import checkpoint as ckpt
 from .arguments import args_record, parse_args
@@ -172,7 +172,7 @@ def train(args, layout: Layout) -> dict:
         f"PP {layout.pipeline_parallel} DP {layout.data_parallel}), {layout.num_microbatches} microbatches "
         f"of {layout.micro_batch_size}, from iteration {iteration} to {args.train_iters}")
     while iteration < args.train_iters:
-        global_batch = [_to_device(b, device) for b in next(batches)]
+        global_batch = [gather_images(_to_device(b, device)) for b in next(batches)]  # TP image shares
         loss, grad_norm, updated = train_step(model, optimizer, scheduler, global_batch, layout)
         iteration += 1
         consumed += layout.global_batch_size
