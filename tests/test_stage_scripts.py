@@ -135,3 +135,79 @@ def test_torchrun_no_python_trains_the_demo_stage(tmp_path):
     save = tmp_path / "ckpt" / "stage1"
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert (save / "iter_0000002" / "metadata.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ Slurm
+SBATCH = os.path.join(EXAMPLES, "slurm", "qwenvl_stage.sbatch")
+FAKE_SLURM = {  # just enough of srun / scancel / scontrol to run the batch script on one machine
+    "srun": 'echo "srun $*" >> "$FAKE_LOG"\n"${@: -4}" &\necho $! > "$FAKE_STEP"\nwait $!\n',
+    "scancel": 'echo "scancel $*" >> "$FAKE_LOG"\nkill "-${1#--signal=}" "$(cat "$FAKE_STEP")"\n',
+    "scontrol": 'echo "scontrol $*" >> "$FAKE_LOG"\n[ "$1" = show ] && echo node7 && echo node8\ntrue\n',
+}
+# The "stage script": reports its environment, then trains until SIGTERM, which it answers by saving.
+FAKE_STAGE = """#!/usr/bin/env bash
+trap 'echo "stage: saved after TERM" >> "$FAKE_LOG"; exit 0' TERM
+echo "stage: NODE_RANK=$NODE_RANK NNODES=$NNODES MASTER_ADDR=$MASTER_ADDR timeout=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" >> "$FAKE_LOG"
+[ -n "${FAKE_EXIT:-}" ] && exit "$FAKE_EXIT"
+while true; do sleep 0.1; done
+"""
+
+
+def _directives():
+    return [line.split(None, 1)[1].strip() for line in open(SBATCH) if line.startswith("#SBATCH")]
+
+
+def test_sbatch_parses_and_its_log_dir_is_in_the_git_tree():
+    subprocess.run(["bash", "-n", SBATCH], check=True)
+    d = _directives()
+    assert "--signal=B:TERM@120" in d and "--requeue" in d
+    (out,) = [x.split("=", 1)[1] for x in d if x.startswith("--output=")]
+    log_dir = os.path.dirname(out)
+    assert log_dir == "examples/slurm/logs"  # relative to the submit directory, the repository root
+    tracked = subprocess.run(["git", "ls-files", log_dir], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert f"{log_dir}/.gitignore" in tracked, "a fresh clone must have the --output directory"
+
+
+def _fake_slurm(tmp_path, **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    stage = tmp_path / "stage.sh"
+    stage.write_text(FAKE_STAGE)
+    log = tmp_path / "slurm.log"
+    log.write_text("")
+    full = _clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log),
+                      FAKE_STEP=str(tmp_path / "step.pid"), SLURM_SUBMIT_DIR=ROOT, SLURM_JOB_ID="42",
+                      SLURM_JOB_NODELIST="node[7-8]", SLURM_JOB_NUM_NODES="2", SLURM_NODEID="0",
+                      STAGE_SCRIPT=str(stage), **env)
+    full.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
+    return subprocess.Popen(["bash", SBATCH], env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True), log
+
+
+def test_sbatch_forwards_sigterm_then_requeues(tmp_path):
+    import signal
+    import time
+
+    proc, log = _fake_slurm(tmp_path)
+    deadline = time.time() + 30
+    while "stage: NODE_RANK" not in log.read_text():  # the step is running
+        assert time.time() < deadline and proc.poll() is None, log.read_text()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 does
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    lines = log.read_text().splitlines()
+    assert "stage: NODE_RANK=0 NNODES=2 MASTER_ADDR=node7 timeout=110" in lines
+    steps = [x for x in lines if x.startswith(("scancel", "stage: saved", "scontrol requeue"))]
+    assert steps == ["scancel --signal=TERM 42", "stage: saved after TERM", "scontrol requeue 42"]
+
+
+def test_sbatch_without_sigterm_keeps_the_exit_status_and_does_not_requeue(tmp_path):
+    proc, log = _fake_slurm(tmp_path, FAKE_EXIT="3")
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 3, out
+    assert not [x for x in log.read_text().splitlines() if x.startswith(("scancel", "scontrol requeue"))]
