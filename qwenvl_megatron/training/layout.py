@@ -116,8 +116,9 @@ def estimate_memory(args, layout: Layout) -> list[dict]:
     stages = []
     for s, layers in enumerate(_stage_layers(cfg, pp, args.decoder_first_pipeline_num_layers)):
         parts = {"llm": layers * counts["llm_layer"]}
-        if s == 0:
-            parts.update(vit=counts["vit"], adapter=counts["adapter"])
+        if s == 0:  # ln_post + proj sit in the adapter module but freeze with the ViT (optimizer.part_of)
+            tail = 2 * cfg.llm.hidden_size + cfg.llm.hidden_size ** 2
+            parts.update(vit=counts["vit"] + tail, adapter=counts["adapter"] - tail)
             parts["llm"] += counts["embedding"]
         if s == pp - 1:
             parts["llm"] += counts["head"] + counts["final_norm"]
