@@ -147,7 +147,8 @@ FAKE_SLURM = {  # just enough of srun / scancel / scontrol to run the batch scri
 # The "stage script": reports its environment, then trains until SIGTERM, which it answers by saving.
 FAKE_STAGE = """#!/usr/bin/env bash
 trap 'echo "stage: saved after TERM" >> "$FAKE_LOG"; exit 0' TERM
-echo "stage: NODE_RANK=$NODE_RANK NNODES=$NNODES MASTER_ADDR=$MASTER_ADDR timeout=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" >> "$FAKE_LOG"
+echo "stage: NODE_RANK=$NODE_RANK NNODES=$NNODES MASTER_ADDR=$MASTER_ADDR" \
+  "timeout=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" >> "$FAKE_LOG"
 [ -n "${FAKE_EXIT:-}" ] && exit "$FAKE_EXIT"
 while true; do sleep 0.1; done
 """
