@@ -2,7 +2,9 @@
 # Stage 3 (paper): supervised fine-tuning on ChatML dialogues, ViT frozen; 448px, seq 2048, global batch 128,
 # 8k iterations, LR 1e-5 -> 1e-6 (3000 warmup), model parallel 2, activation recompute.
 # Starts from stage 2's weights (fresh optimizer), resumes $CKPT_ROOT/stage3 when it has a checkpoint.
-#   GPU:  DATA_PATH="..." bash examples/finetune_stage3.sh      CPU demo: bash examples/finetune_stage3.sh
+#   GPU:  DATA_PATH="..." bash examples/finetune_stage3.sh
+#   CPU demo (DATA_PATH unset, or QWENVL_DEMO=1): bash examples/finetune_stage3.sh
+#   DATA_PATH set without a GPU is an error.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 SAVE="$CKPT_ROOT/stage3"
 if [ "$QWENVL_DEMO" = 1 ]; then

@@ -5,7 +5,10 @@
 # only) and resumes its own checkpoint in $CKPT_ROOT/stage1 when one exists.
 #   GPU:  DATA_PATH="0.8 data/laion 0.2 data/coyo" INIT_CHECKPOINT=ckpt/init NNODES=32 NODE_RANK=... \
 #         MASTER_ADDR=... bash examples/pretrain_stage1.sh
-#   CPU demo (no GPU, or QWENVL_DEMO=1): bash examples/pretrain_stage1.sh
+#    or:  DATA_PATH=... INIT_CHECKPOINT=... torchrun --nnodes 32 --nproc-per-node 8 --rdzv-endpoint ... \
+#         --no-python examples/pretrain_stage1.sh      (each rank runs its trainer directly)
+#   CPU demo (DATA_PATH unset, or QWENVL_DEMO=1): bash examples/pretrain_stage1.sh
+#   DATA_PATH set without a GPU is an error.
 # Extra arguments are passed to the trainer and override the defaults (e.g. --train-iters 100).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 SAVE="$CKPT_ROOT/stage1"

@@ -2,7 +2,9 @@
 # Stage 2 (paper): multi-task pretraining, everything trainable; 448px, seq 2048, global batch 4096,
 # 19k iterations, LR 5e-5 -> 1e-5 (400 warmup), model parallel 2, activation recompute.
 # Starts from stage 1's weights (fresh optimizer), resumes $CKPT_ROOT/stage2 when it has a checkpoint.
-#   GPU:  DATA_PATH="..." NNODES=... bash examples/pretrain_stage2.sh      CPU demo: bash examples/pretrain_stage2.sh
+#   GPU:  DATA_PATH="..." NNODES=... bash examples/pretrain_stage2.sh
+#   CPU demo (DATA_PATH unset, or QWENVL_DEMO=1): bash examples/pretrain_stage2.sh
+#   DATA_PATH set without a GPU is an error.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 SAVE="$CKPT_ROOT/stage2"
 if [ "$QWENVL_DEMO" = 1 ]; then

@@ -191,3 +191,82 @@ def test_init_method_std_reaches_every_part():
     assert [c.init_method_std for c in (plan.llm_config(cfg), plan.vit_config(cfg), plan.adapter_config(cfg))] \
         == [0.125] * 3
     assert parallel_plan(parse_args(["--stage", "2", "--dry-run"])).init_std == 0.02  # Megatron-LM's default
+
+
+# ------------------------------------------------------------------------------------ dry run: GPU plan
+STAGE1_256 = ["--stage", "1", "--dry-run", "--world-size", "256", "--micro-batch-size", "8", "--bf16",
+              "--use-distributed-optimizer"]
+
+
+def test_dry_run_assumes_flash_attention_unless_local():
+    def activations(impl):
+        a = parse_args(STAGE1_256 + ["--transformer-impl", impl])
+        (stage,) = estimate_memory(a, plan_layout(a, 256))
+        return stage["activations"]
+
+    assert activations("auto") == activations("te")  # a dry run plans for GPUs: auto is TE there
+    # Only local layers keep the attention scores: 5 x heads x s^2 x b (x 2 B / 2) per layer, for the
+    # 32 LLM layers at seq 512 and the 48 ViT layers at 16 x 16 = 256 patches (micro batch 8, TP 1, 1 in flight).
+    scores = 32 * 5 * 32 * 512 ** 2 * 8 + 48 * 5 * 16 * 256 ** 2 * 8
+    assert activations("local") - activations("auto") == scores
+
+
+def test_dry_run_refuses_sequence_parallel_with_local_layers():
+    sp = ["--stage", "2", "--dry-run", "--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    with pytest.raises(LayoutError, match="--sequence-parallel needs --transformer-impl te"):
+        plan_layout(parse_args(sp + ["--transformer-impl", "local"]), 8)
+    with pytest.raises(SystemExit, match="impossible layout: --sequence-parallel needs"):
+        main(sp + ["--transformer-impl", "local", "--world-size", "8"])
+    for impl in ("auto", "te"):  # what the cluster run does
+        assert plan_layout(parse_args(sp + ["--transformer-impl", impl]), 8).data_parallel == 4
+
+
+def _report(capsys, argv):
+    main(argv)
+    return capsys.readouterr().out.splitlines()
+
+
+def test_dry_run_says_which_stage_does_not_fit_and_by_how_much(capsys):
+    pp2 = ["--stage", "2", "--dry-run", "--world-size", "4", "--pipeline-model-parallel-size", "2", "--bf16"]
+    a = parse_args(pp2)
+    first, last = [st["total"] / 2 ** 30 for st in estimate_memory(a, plan_layout(a, 4))]
+    # Replicated Adam state (12 B) + fp32 grads (4 B) + bf16 weights (2 B) of the first stage's ~5.8B params.
+    assert a.gpu_memory_gib == 80 and first > 80 > last
+
+    def verdicts(*extra):
+        return [x for x in _report(capsys, pp2 + list(extra)) if x.startswith(("does not fit", "fits"))]
+
+    def over(stage, need, limit):
+        return (f"does not fit: stage {stage} needs {need:.2f} GiB per GPU, {need - limit:.2f} GiB over "
+                f"--gpu-memory-gib {limit:g}")
+
+    assert verdicts() == [over(0, first, 80)]
+    assert verdicts("--gpu-memory-gib", "60") == [over(0, first, 60), over(1, last, 60)]
+    assert verdicts("--gpu-memory-gib", "141") == [
+        f"fits: every stage within --gpu-memory-gib 141 (largest: stage 0, {first:.2f} GiB)"]
+    with pytest.raises(SystemExit, match="--gpu-memory-gib"):
+        parse_args(pp2 + ["--gpu-memory-gib", "0"])
+
+
+def test_dry_run_prints_step_time_and_gpu_hours(capsys):
+    from qwenvl_megatron.training.layout import flops_per_sample
+
+    cfg = qwen_vl_7b()
+    c = part_parameters(cfg)
+    # Stage 1 by hand: ViT trains (3x forward), adapter trains (3x), the frozen LLM passes gradients back (2x).
+    patches = (224 // 14) ** 2
+    vit = 2 * (c["vit"] - 256 * 1664) * patches + 4 * 48 * patches ** 2 * 1664
+    adapter = 2 * 1664 * 4096 * patches + 8 * 4096 ** 2 * 256 + 4 * 256 * patches * 4096
+    llm = 2 * (32 * c["llm_layer"] + c["head"]) * 512 + 4 * 32 * 512 ** 2 * 4096 / 2
+    per_sample = 3 * vit + 3 * adapter + 2 * llm
+    assert flops_per_sample(cfg, 512, 224, ("llm",)) == pytest.approx(per_sample, rel=1e-12)
+    for mfu, peak in ((0.4, 989.0), (0.25, 400.0)):
+        step_s = per_sample * 30720 / (256 * peak * 1e12 * mfu)
+        hours = step_s * 50_000 / 3600
+        lines = _report(capsys, STAGE1_256 + ["--assumed-mfu", str(mfu), "--peak-tflops", str(peak)])
+        assert f"time at MFU {mfu:g} of --peak-tflops {peak:g}: {per_sample * 30720 / 1e15:,.1f} PFLOP per step " \
+               f"(1 image per sample), {step_s:.2f} s per step; 50000 iters = {hours:,.1f} h on 256 GPUs = " \
+               f"{hours * 256:,.0f} GPU-hours" in lines
+    assert 5.3 < per_sample * 30720 / (256 * 989e12 * 0.4) < 5.4  # ~17.7 TFLOP per sample -> 5.37 s per step
+    with pytest.raises(SystemExit, match="--assumed-mfu 1.5 must be in"):
+        parse_args(STAGE1_256 + ["--assumed-mfu", "1.5"])

@@ -70,22 +70,50 @@ def test_one_step_gives_the_same_parameters(single, multi, case):
 
 # ------------------------------------------------------------------------------------------ freezing
 LLM_EMBED_AND_HEAD = {"language.embedding.word_embeddings.weight", "language.output_layer.weight"}
+# ln_post/proj live in our adapter module, but in the HF layout in transformer.visual outside attn_pool.
+VIT_TAIL = {"adapter.ln_post.weight", "adapter.ln_post.bias", "adapter.proj"}
+STAGE_FROZEN_PREFIXES = {"1": ("language.",), "2": (), "3": ("vision.", "adapter.ln_post.", "adapter.proj")}
+STAGE_FREEZE = {"1": "llm", "2": "", "3": "vit"}
 
 
-@pytest.mark.parametrize("stage,prefix", [("1", "language."), ("2", None), ("3", "vision.")])
-def test_freezing_per_stage(single, stage, prefix):
+def _official_fix_vit(names):
+    """What the official Qwen-VL `fix_vit` freezes, read off the HF key of each parameter: all of
+    `transformer.visual` except `attn_pool` (names without a one-to-one HF key are LLM or attn_pool)."""
+    from qwenvl_megatron.convert.hf_layout import _direct_map
+    from qwenvl_megatron.models.config import tiny
+
+    hf = {model: key for key, model in _direct_map(tiny()).items()}
+    return {n for n in names if hf.get(n, "").startswith("transformer.visual.")
+            and not hf[n].startswith("transformer.visual.attn_pool.")}
+
+
+@pytest.mark.parametrize("stage", ["1", "2", "3"])
+def test_freezing_per_stage(single, stage):
+    from qwenvl_megatron.training.arguments import parse_args
+    from qwenvl_megatron.training.layout import estimate_memory, plan_layout
+
     f = single[1]["freezing"][stage]
     everything = set(f["frozen"]) | set(f["trainable"])
-    expected_frozen = {n for n in everything if prefix and n.startswith(prefix)}
+    expected_frozen = {n for n in everything if n.startswith(STAGE_FROZEN_PREFIXES[stage])}
     assert set(f["frozen"]) == expected_frozen
     if stage == "1":
         assert LLM_EMBED_AND_HEAD <= set(f["frozen"])
+        assert VIT_TAIL <= set(f["trainable"]), "stage 1 trains ln_post/proj with the adapter"
+    if stage == "3":
+        assert VIT_TAIL <= set(f["frozen"])
+        assert set(f["frozen"]) == _official_fix_vit(everything)
+        assert any(n.startswith("adapter.") for n in f["trainable"])  # attn_pool trains
     trainable = sorted(everything - expected_frozen)
     assert f["in_grad_buffers"] == trainable, "grad buffers must hold exactly the trainable parameters"
     assert f["in_param_groups"] == trainable
     assert f["with_optimizer_state"] == trainable, "optimizer state must exist for trainable params only"
     assert f["main_grad_of_frozen"] == []
     assert set(f["unchanged"]) == expected_frozen, "frozen params bit-identical, every trainable one moved"
+    # The dry run's memory estimate counts the same trainable parameters (grads, optimizer state).
+    args = parse_args(["--model", "tiny", "--dry-run", "--train-iters", "10", "--global-batch-size", "16",
+                       "--freeze", STAGE_FREEZE[stage]])
+    (est,) = estimate_memory(args, plan_layout(args, 1))
+    assert est["trainable"] == f["trainable_numel"]
 
 
 # ------------------------------------------------------------------------------- parameter groups

@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int,
                    help="save and exit when the iteration is a multiple of this (staged runs, tests)")
     g.add_argument("--dry-run", action="store_true", help="print the resolved plan and memory estimate, exit")
+    g.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                   help="--dry-run: GPU memory to fit each pipeline stage's estimate into (80 = H100)")
+    g.add_argument("--assumed-mfu", type=float, default=0.4,
+                   help="--dry-run: model FLOPs utilisation for the step time and GPU-hours (with --peak-tflops)")
     return p
 
 
@@ -174,6 +178,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     if not args.dry_run and not args.mock_data and not args.data_paths:
         raise SystemExit("--data-path is required (or --mock-data)")
+    if not 0 < args.assumed_mfu <= 1:
+        raise SystemExit(f"--assumed-mfu {args.assumed_mfu} must be in (0, 1]")
+    if not args.gpu_memory_gib > 0 or not args.peak_tflops > 0:
+        raise SystemExit("--gpu-memory-gib and --peak-tflops must be > 0")
     if args.load_weights_only and not args.load:
         raise SystemExit("--load-weights-only needs --load")
     return args

@@ -36,6 +36,9 @@ class Layout:
 
 
 def parallel_plan(args) -> ParallelPlan:
+    """The run's plan. A dry run plans for the GPU cluster, where `auto` resolves to TE: only an explicit
+    `--transformer-impl local` plans local layers (and is refused with `--sequence-parallel`, as the run
+    would be). Fused kernels: those this machine has, less the ones turned off by flag."""
     from ..runtime.layer_impl import available_fusions, resolve_impl
     import torch
     return ParallelPlan(
@@ -45,7 +48,7 @@ def parallel_plan(args) -> ParallelPlan:
         recompute=tuple(args.recompute), bf16=args.bf16, init_std=args.init_method_std,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         impl=resolve_impl(args.transformer_impl) if not args.dry_run else
-        ("te" if args.transformer_impl == "te" or args.sequence_parallel else "local"))
+        ("local" if args.transformer_impl == "local" else "te"))
 
 
 def plan_layout(args, world_size: int) -> Layout:
@@ -117,8 +120,9 @@ def estimate_memory(args, layout: Layout) -> list[dict]:
     stages = []
     for s, layers in enumerate(_stage_layers(cfg, pp, args.decoder_first_pipeline_num_layers)):
         parts = {"llm": layers * counts["llm_layer"]}
-        if s == 0:
-            parts.update(vit=counts["vit"], adapter=counts["adapter"])
+        if s == 0:  # ln_post + proj sit in the adapter module but freeze with the ViT (optimizer.part_of)
+            tail = 2 * cfg.llm.hidden_size + cfg.llm.hidden_size ** 2
+            parts.update(vit=counts["vit"] + tail, adapter=counts["adapter"] - tail)
             parts["llm"] += counts["embedding"]
         if s == pp - 1:
             parts["llm"] += counts["head"] + counts["final_norm"]
@@ -146,7 +150,7 @@ def _layer_activation_bytes(s: int, b: int, h: int, heads: int, tp: int, sp: boo
 def _activation_bytes(args, layout: Layout, stage: int, llm_layers: int) -> int:
     cfg, tp, pp = args.model_cfg, layout.tensor_parallel, layout.pipeline_parallel
     b, s, bp = layout.micro_batch_size, layout.seq_length, (2 if args.bf16 else 4)
-    flash = args.transformer_impl == "te"
+    flash = args.transformer_impl != "local"  # TE (what auto is on GPUs) uses flash attention: no s^2 scores
     in_flight = min(pp - stage, layout.num_microbatches)  # 1F1B: stage i holds pp - i microbatches
     kept, peak = _layer_activation_bytes(s, b, cfg.llm.hidden_size, cfg.llm.num_attention_heads, tp,
                                          args.sequence_parallel, flash, "llm" in args.recompute, bp)
@@ -210,8 +214,31 @@ def dry_run_report(args, layout: Layout) -> str:
     for st in stages:
         lines.append(f"{'':32}{st['stage']:>5}  {st['weights'] / GiB:7.2f}  {st['grads'] / GiB:5.2f}  "
                      f"{st['optimizer'] / GiB:9.2f}  {st['activations'] / GiB:11.2f}  {st['total'] / GiB:5.2f}")
+    limit = args.gpu_memory_gib
+    over = [st for st in stages if st["total"] / GiB > limit]
+    for st in over:
+        lines.append(f"does not fit: stage {st['stage']} needs {st['total'] / GiB:.2f} GiB per GPU, "
+                     f"{st['total'] / GiB - limit:.2f} GiB over --gpu-memory-gib {limit:g}")
+    if not over:
+        top = max(stages, key=lambda st: st["total"])
+        lines.append(f"fits: every stage within --gpu-memory-gib {limit:g} (largest: stage {top['stage']}, "
+                     f"{top['total'] / GiB:.2f} GiB)")
+    t = run_time(args, layout)
+    lines.append(f"time at MFU {args.assumed_mfu:g} of --peak-tflops {args.peak_tflops:g}: "
+                 f"{t['flops_per_step'] / 1e15:,.1f} PFLOP per step (1 image per sample), "
+                 f"{t['step_s']:.2f} s per step; {args.train_iters} iters = {t['hours']:,.1f} h on "
+                 f"{layout.world_size} GPUs = {t['gpu_hours']:,.0f} GPU-hours")
     return "\n".join(lines)
 
 
+def run_time(args, layout: Layout) -> dict:
+    """Step time and GPU-hours from the model FLOPs at `--assumed-mfu` of `--peak-tflops` per GPU."""
+    flops = flops_per_sample(args.model_cfg, layout.seq_length, args.image_size, args.freeze) \
+        * layout.global_batch_size
+    step_s = flops / (layout.world_size * args.peak_tflops * 1e12 * args.assumed_mfu)
+    hours = step_s * args.train_iters / 3600
+    return {"flops_per_step": flops, "step_s": step_s, "hours": hours, "gpu_hours": hours * layout.world_size}
+
+
 __all__ = ["Layout", "LayoutError", "plan_layout", "parallel_plan", "part_parameters", "estimate_memory",
-           "dry_run_report", "flops_per_sample"]
+           "dry_run_report", "flops_per_sample", "run_time"]

@@ -35,9 +35,14 @@ def canonical_name(name: str) -> str:
 
 
 def part_of(name: str) -> str:
-    """Which part of the model a parameter belongs to: 'vit', 'adapter' or 'llm'."""
+    """Which part of the model a parameter belongs to: 'vit', 'adapter' or 'llm'.
+
+    `ln_post`/`proj` run after the resampler in our adapter module, but the HF release keeps them in
+    `transformer.visual` outside `attn_pool`, and its `fix_vit` (stage 3) freezes them with the ViT: they
+    count as 'vit' here, so `--freeze vit` freezes what the official recipe freezes.
+    """
     name = canonical_name(name)
-    if name.startswith("vision."):
+    if name.startswith(("vision.", "adapter.ln_post.")) or name == "adapter.proj":
         return "vit"
     if name.startswith("adapter."):
         return "adapter"
@@ -131,8 +136,9 @@ def build_scheduler(optimizer, settings: OptimizerSettings, warmup_iters: int, t
 
 
 def freeze(model, parts) -> list[str]:
-    """`requires_grad=False` on every parameter of the named parts ('vit', 'adapter', 'llm'; the LLM
-    includes its embedding and head). Call before DDP wraps the model. Returns the frozen names."""
+    """`requires_grad=False` on every parameter of the named parts ('vit' with ln_post/proj, 'adapter',
+    'llm' with its embedding and head; see `part_of`). Call before DDP wraps the model. Returns the frozen
+    names."""
     parts = tuple(parts or ())
     unknown = set(parts) - set(PARTS)
     if unknown:

@@ -51,6 +51,7 @@ def freezing_checks(cfg):
         with_state = sorted(names[id(p)] for p in opt.optimizer.state)
         out[stage] = {
             "frozen": frozen, "trainable": sorted(n for n in before if n not in frozen),
+            "trainable_numel": sum(p.numel() for p in inner.parameters() if p.requires_grad),
             "in_grad_buffers": in_buffers, "in_param_groups": in_groups, "with_optimizer_state": with_state,
             "unchanged": sorted(n for n, p in inner.named_parameters() if torch.equal(p, before[n])),
             "main_grad_of_frozen": sorted(n for n, p in inner.named_parameters()
