@@ -126,7 +126,7 @@ demo_flags() {
 # Flags every cluster stage shares: the 7B model in bf16, ZeRO-style optimizer, Qwen tokenizer, saves and
 # TensorBoard under the stage's save dir ($1).
 cluster_flags() {
-  echo "--model ${MODEL:-qwen-vl-7b} --bf16 --use-distributed-optimizer" \
+  echo "--model ${MODEL:-qwen-vl-7b} --bf16 --use-distributed-optimizer --overlap-grad-reduce" \
        "--tokenizer-type qwen --tokenizer-model ${TOKENIZER_MODEL:-$REPO/.venv/share/qwen.tiktoken}" \
        "--save $1 --save-interval ${SAVE_INTERVAL:-1000} --tensorboard-dir $1/tensorboard"
 }

@@ -151,14 +151,12 @@ def gather_images(batch: dict, group=None) -> dict:
         from megatron.core import parallel_state
         group = parallel_state.get_tensor_model_parallel_group()
     size, device = dist.get_world_size(group), batch["input_ids"].device
-    meta = torch.zeros(5, dtype=torch.int64)
-    if error is not None:
-        meta[0] = 1
-    elif share is not None:
-        meta[1:4] = torch.tensor(share.shape[1:])
-        meta[4] = _PIXEL_DTYPES.index(share.dtype)
+    info = [int(error is not None), 0, 0, 0, 0]  # failed, image shape, dtype
+    if error is None and share is not None:
+        info[1:] = [*share.shape[1:], _PIXEL_DTYPES.index(share.dtype)]
+    meta = torch.tensor(info, dtype=torch.int64, device=device)
     metas = [torch.empty(5, dtype=torch.int64, device=device) for _ in range(size)]
-    dist.all_gather(metas, meta.to(device), group=group)
+    dist.all_gather(metas, meta, group=group)
     metas = [m.tolist() for m in metas]
     if any(m[0] for m in metas):
         errors = [None] * size

@@ -21,7 +21,7 @@ from qwenvl_megatron.data.images import CorruptImageError, ImageTransform
 from qwenvl_megatron.data.indexed import IndexedDatasetWriter
 from qwenvl_megatron.data.loader import MicroBatchLoader, gather_images
 from qwenvl_megatron.models.config import tiny
-from qwenvl_megatron.runtime import initialize
+from qwenvl_megatron.runtime import device, initialize
 from qwenvl_megatron.training import train
 
 SEQ = 64
@@ -118,7 +118,7 @@ def corrupt(cfg, prefix, rank):
         out.append({"sample": s, "bad_image": s % 3, "message": msg, "decoded": len(decoded),
                     "own_error": own})
     # The group is still in step after the errors (a rank left in a collective would hang here).
-    flag = torch.tensor([rank + 1.0])
+    flag = torch.tensor([rank + 1.0], device=device())
     dist.all_reduce(flag)
     return out, flag.item()
 
@@ -162,4 +162,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from qwenvl_megatron.runtime import device_discipline
+    with device_discipline():  # host and device apart, as on a GPU machine (runtime/device_discipline.py)
+        main()
