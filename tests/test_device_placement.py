@@ -111,6 +111,27 @@ def test_a_collective_refuses_a_host_tensor():
         assert t.device == dev and t.tolist() == [1.0, 1.0]
 
 
+def test_the_finite_check_of_a_fully_frozen_stage_reduces_on_the_device(monkeypatch):
+    """Stage 1 under PP > 1: the LLM-only stages have no gradient buffer, yet join the all-reduce."""
+    from qwenvl_megatron.models.parallel import PARTS
+    from qwenvl_megatron.training.train import grads_finite
+
+    class Reduced(Exception):
+        pass
+
+    def all_reduce(t, **kwargs):
+        raise Reduced(t.device)
+
+    initialize(1, 1)
+    with device_discipline("meta") as dev:
+        model = build_model(tiny(), ParallelPlan(), freeze=lambda m: freeze(m, PARTS))
+        assert model[0].buffers == []
+        monkeypatch.setattr(dist, "all_reduce", all_reduce)
+        with pytest.raises(Reduced) as got:
+            grads_finite(model)
+    assert got.value.args[0] == dev
+
+
 def test_a_training_step_keeps_its_tensors_on_the_device():
     """The schedule, the loss bookkeeping and the optimizer under discipline: same numbers as without."""
     cfg = tiny()

@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 
 from ..data.images import ImageTransform
 from ..data.loader import MicroBatchLoader, MockLoader, gather_images
-from ..runtime import initialize
+from ..runtime import device as runtime_device, initialize
 from . import checkpoint as ckpt
 from .arguments import args_record, parse_args
 from .layout import Layout, LayoutError, dry_run_report, flops_per_sample, parallel_plan, plan_layout
@@ -83,13 +83,13 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def grads_finite(model) -> bool:
-    """True when every gradient of every rank is finite (checked on the reduced grad buffers)."""
-    bad, device = 0.0, torch.device("cpu")
+    """True when every gradient of every rank is finite (checked on the reduced grad buffers). A pipeline
+    stage with every parameter frozen (stage 1's LLM-only stages) has no buffer but still takes part."""
+    bad = 0.0
     for chunk in model:
         for buf in getattr(chunk, "buffers", []):
-            device = buf.grad_data.device
             bad += float(not torch.isfinite(buf.grad_data).all())
-    flag = torch.tensor([bad], device=device)
+    flag = torch.tensor([bad], device=runtime_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0
 
