@@ -50,7 +50,7 @@ _CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "tor
                     torch.uint8: "torch.cuda.ByteTensor", torch.bool: "torch.cuda.BoolTensor"}
 
 
-class _CudaToCpu(TorchFunctionMode):
+class _CudaToStandIn(TorchFunctionMode):
     """Maps every request for a CUDA tensor to the stand-in device and reports float tensors there under
     the CUDA type name that megatron's optimizer assertions look for."""
 
@@ -146,7 +146,7 @@ def _patch_rng():
     original_backward = ckpt.backward
 
     def backward(ctx, *grads):
-        with _CudaToCpu():
+        with _CudaToStandIn():
             return original_backward(ctx, *grads)
 
     ckpt.backward = staticmethod(backward)
@@ -183,6 +183,6 @@ def enable_cpu_compat() -> bool:
         torch.cuda.synchronize = lambda *a, **k: None
         _patch_rng()
         _patch_grad_norm()
-        _mode = _CudaToCpu()
+        _mode = _CudaToStandIn()
         _mode.__enter__()
         return True

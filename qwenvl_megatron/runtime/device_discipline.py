@@ -36,10 +36,6 @@ class HostTensorError(RuntimeError):
     """A tensor a GPU run would keep in host memory reached a place that needs it on the device."""
 
 
-def active_host() -> torch.device | None:
-    return _host
-
-
 def _tensors(value):
     if isinstance(value, torch.Tensor):
         yield value
@@ -117,4 +113,4 @@ def misplaced_tensors(module: torch.nn.Module, device) -> list[str]:
     return out
 
 
-__all__ = ["device_discipline", "misplaced_tensors", "HostTensorError", "active_host"]
+__all__ = ["device_discipline", "misplaced_tensors", "HostTensorError"]

@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_compat
-from .cpu_compat import enable_cpu_compat
 
 
 def device() -> torch.device:
@@ -27,7 +26,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
     """
     from megatron.core import parallel_state, tensor_parallel as mtp
 
-    enable_cpu_compat()
+    cpu_compat.enable_cpu_compat()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():

@@ -43,7 +43,7 @@ def build_model(cfg: QwenVLConfig, plan: ParallelPlan, *, freeze=None, wrap_ddp:
     config = model.config
     config.calculate_per_token_loss = True
     if not wrap_ddp:
-        return [model]
+        return [_placed(model, device)]
     ddp = DistributedDataParallel(
         config=config,
         ddp_config=DistributedDataParallelConfig(
@@ -54,11 +54,16 @@ def build_model(cfg: QwenVLConfig, plan: ParallelPlan, *, freeze=None, wrap_ddp:
     config.finalize_model_grads_func = finalize_model_grads
     if overlap_grad_reduce:  # the schedule starts each bucket's reduction as its gradients are ready
         config.grad_sync_func = ddp.start_grad_sync
-    misplaced = misplaced_tensors(ddp, device)
+    return [_placed(ddp, device)]
+
+
+def _placed(chunk: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`chunk`, once every parameter, gradient buffer, buffer and tensor attribute is on `device`."""
+    misplaced = misplaced_tensors(chunk, device)
     if misplaced:
         raise RuntimeError(f"model tensors not on {device} after placement: {', '.join(misplaced[:8])}"
                            f"{' ...' if len(misplaced) > 8 else ''}")
-    return [ddp]
+    return chunk
 
 
 def unwrap(chunk: torch.nn.Module) -> QwenVLModel:
