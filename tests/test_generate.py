@@ -119,6 +119,11 @@ def test_generate_tool_logits_match_reference_and_batches_match_single(tiny):
         want = ref(torch.tensor([ids]), load_images([str(d / "a.png")], 224))[0]
     got = torch.from_numpy(np.load(d / "logits.npy"))
     assert got.shape == want.shape and (got - want).abs().max() <= 1e-4
+    # only the prompt's logits: no token generated
+    none = json.loads(_tool("tools/generate.py", *common, "--max-new-tokens", "0", "--image", str(d / "a.png"),
+                            "--prompt", prompt, "--logits-out", str(d / "logits0.npy")))
+    assert none["tokens"] == [] and not none["stopped"]
+    assert torch.equal(torch.from_numpy(np.load(d / "logits0.npy")), got)
     # greedy from the reference (no cache, banned image ids) gives the tool's tokens
     seq, images = torch.tensor([ids]), load_images([str(d / "a.png")], 224)
     for _ in range(len(single["tokens"])):

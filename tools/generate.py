@@ -101,7 +101,7 @@ def run(args):
         import torch
         prompt = items[0][0]
         device = next(model.parameters()).device
-        logits = prompt_logits(model, torch.tensor([prompt.ids]),
+        logits = prompt_logits(model, torch.tensor([prompt.ids], device=device),
                                load_images(prompt.image_paths, cfg.vit.image_size, device))
         if rank0:
             np.save(args.logits_out, logits[0].cpu().numpy())

@@ -106,6 +106,8 @@ def greedy_generate(model, input_ids: torch.Tensor, images: torch.Tensor | None,
             step_input, step_images = token[:, None], None
         else:
             step_input = torch.cat([ids, torch.stack(new, dim=1)], dim=1)
+    if not new:  # max_new_tokens == 0: nothing to decode (the caller may want only the prompt's logits)
+        return Generation([[] for _ in range(b)], [False] * b, torch.empty(b, 0, vocab, device=device))
     tokens = torch.stack(new, dim=1).tolist()
     stop_set = set(stop.tolist())
     cut, stopped = [], []
