@@ -10,6 +10,13 @@ Each sample is cut or padded to `seq_length + 1` tokens and shifted: `input_ids 
 splits an image span: the sample ends before an `<img>` whose span would not fit, and that image is
 dropped. The microbatch's images are stacked in row-major span order, which is what the model expects.
 
+Packing (`pack_sequences`, data/packing.py): the global batch is num_microbatches x MBS x DP rows packed
+from sample `consumed` on; rank r takes its slice of each global micro step's rows, as it does samples.
+Each sample is fitted and shifted on its own and the row is its samples back to back, then padding; with
+per-sample attention the batch carries `position_ids` that restart at 0 with every sample. Every batch
+says how many of its positions are real (`real_tokens`) and where its samples lie (`samples`), and a
+global batch says where the next one starts (`GlobalBatch.consumed_after`, the checkpoint's counter).
+
 Under tensor parallelism every rank of a TP group gets the same samples, so image decoding is split:
 TP rank r decodes images r, r + tp, r + 2 tp, ... of each microbatch (in the loader's background thread),
 and `gather_images`, called on the main thread once the batch is on the training device, all-gathers

@@ -18,8 +18,9 @@ R + 1, and that sample is the next batch's cursor. So:
 A sample occupies `min(max(len - 1, 1), seq_length)` positions (its shifted input, loader.fit_sample);
 a longer sample is cut as without packing (never inside an image span) and fills a row alone. Samples stay
 whole, so image spans are never split. With `same_task` a row only holds samples of one task; the task of
-a sample is its dataset's (one `--data-path` prefix per task, as a stage-2 blend of per-task datasets;
-`tools/preprocess_data.py --split-by-task` writes them).
+a sample is its dataset's: one `--data-path` prefix per task, the stage-2 blend of per-task datasets
+(preprocess each task's records into its own prefix, as tools/bench_packing.py does; the index format is
+unchanged).
 """
 from __future__ import annotations
 
