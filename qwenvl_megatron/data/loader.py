@@ -10,6 +10,13 @@ Each sample is cut or padded to `seq_length + 1` tokens and shifted: `input_ids 
 splits an image span: the sample ends before an `<img>` whose span would not fit, and that image is
 dropped. The microbatch's images are stacked in row-major span order, which is what the model expects.
 
+Packing (`pack_sequences`, data/packing.py): the global batch is num_microbatches x MBS x DP rows packed
+from sample `consumed` on; rank r takes its slice of each global micro step's rows, as it does samples.
+Each sample is fitted and shifted on its own and the row is its samples back to back, then padding; with
+per-sample attention the batch carries `position_ids` that restart at 0 with every sample. Every batch
+says how many of its positions are real (`real_tokens`) and where its samples lie (`samples`), and a
+global batch says where the next one starts (`GlobalBatch.consumed_after`, the checkpoint's counter).
+
 Under tensor parallelism every rank of a TP group gets the same samples, so image decoding is split:
 TP rank r decodes images r, r + tp, r + 2 tp, ... of each microbatch (in the loader's background thread),
 and `gather_images`, called on the main thread once the batch is on the training device, all-gathers
@@ -29,6 +36,7 @@ import torch.distributed as dist
 
 from .images import CorruptImageError, ImageTransform
 from .indexed import IndexedDataset
+from .packing import Packer
 from .sampler import SampleOrder
 
 IGNORE_INDEX = -100
@@ -38,6 +46,11 @@ _PIXEL_DTYPES = (torch.float32, torch.uint8, torch.bfloat16, torch.float16)
 def fit_sample(tokens: np.ndarray, labels: np.ndarray, seq_length: int, pad_id: int, image_start_id: int,
                num_image_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
     """-> (input_ids [seq], targets [seq], number of leading images kept)."""
+    return _fit(tokens, labels, seq_length, pad_id, image_start_id, num_image_tokens)[:3]
+
+
+def _fit(tokens, labels, seq_length, pad_id, image_start_id, num_image_tokens):
+    """fit_sample and the number of real (non-padding) input positions."""
     n = seq_length + 1
     tokens, labels = np.asarray(tokens, np.int64), np.asarray(labels, np.int64)
     starts = np.flatnonzero(tokens[:seq_length] == image_start_id)
@@ -49,7 +62,16 @@ def fit_sample(tokens: np.ndarray, labels: np.ndarray, seq_length: int, pad_id: 
     lab = np.full(n, IGNORE_INDEX, np.int64)
     m = min(cut, len(tokens))
     tok[:m], lab[:m] = tokens[:m], labels[:m]
-    return tok[:-1], lab[1:], kept_images
+    return tok[:-1], lab[1:], kept_images, max(m - 1, 0)
+
+
+class GlobalBatch(list):
+    """This rank's microbatches of one global batch, and where the next global batch starts in the global
+    sample order (`consumed_after`: + GBS samples unpacked, the packer's next cursor when packing)."""
+
+    def __init__(self, microbatches, consumed_after: int):
+        super().__init__(microbatches)
+        self.consumed_after = consumed_after
 
 
 class MicroBatchLoader:
@@ -65,7 +87,9 @@ class MicroBatchLoader:
     def __init__(self, datasets: Sequence, micro_batch_size: int, seq_length: int, image_transform,
                  pad_id: int, image_start_id: int, num_image_tokens: int, weights: Sequence[float] | None = None,
                  seed: int = 1234, data_parallel_rank: int = 0, data_parallel_size: int = 1,
-                 tensor_parallel_rank: int | None = None, tensor_parallel_size: int | None = None):
+                 tensor_parallel_rank: int | None = None, tensor_parallel_size: int | None = None,
+                 pack_sequences: bool = False, pack_same_task: bool = False, packed_attention: str = "per-sample",
+                 tasks: Sequence[int] | None = None):
         self.datasets = [d if isinstance(d, IndexedDataset) else IndexedDataset(d) for d in datasets]
         if not self.datasets:
             raise ValueError("MicroBatchLoader: no datasets (--data-path)")
@@ -80,6 +104,11 @@ class MicroBatchLoader:
                 tensor_parallel_rank = parallel_state.get_tensor_model_parallel_rank()
                 tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank, self.tp_size = tensor_parallel_rank or 0, tensor_parallel_size or 1
+        if packed_attention not in ("causal", "per-sample"):
+            raise ValueError(f"packed_attention must be 'causal' or 'per-sample', got {packed_attention!r}")
+        self.pack_sequences, self.pack_same_task = pack_sequences, pack_same_task
+        self.packed_attention, self.tasks = packed_attention, tasks
+        self._packers: dict[int, Packer] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="loader")
 
     def sample_ids(self, consumed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,17 +117,56 @@ class MicroBatchLoader:
         return self.order.lookup_range(consumed + step * m * self.world + self.rank * m, m)
 
     def microbatch(self, consumed: int, step: int = 0) -> dict:
+        """Unpacked: this rank's samples of global micro step `step`, each padded to a row."""
         ds_ids, sample_ids = self.sample_ids(consumed, step)
-        ids, tgts, blobs = [], [], []
-        for d, i in zip(ds_ids.tolist(), sample_ids.tolist()):
-            tokens, labels, images = self.datasets[d][i]
-            input_ids, targets, kept = fit_sample(tokens, labels, self.seq_length, self.pad_id,
-                                                  self.image_start_id, self.num_image_tokens)
-            ids.append(input_ids)
-            tgts.append(targets)
-            blobs.extend((d, i, j, b) for j, b in enumerate(images[:kept]))
-        batch = {"input_ids": torch.from_numpy(np.stack(ids)), "targets": torch.from_numpy(np.stack(tgts)),
-                 "images": None}
+        rows = [[(d, i, None)] for d, i in zip(ds_ids.tolist(), sample_ids.tolist())]
+        return self._assemble(rows)
+
+    def samples_batch(self, samples: Sequence[tuple[int, int]]) -> dict:
+        """A microbatch of the given (dataset id, sample id) pairs, one padded row each (tests, benchmarks)."""
+        return self._assemble([[(int(d), int(i), None)] for d, i in samples])
+
+    def packer(self, rows_per_batch: int) -> Packer:
+        if rows_per_batch not in self._packers:
+            self._packers[rows_per_batch] = Packer(self.order, [d.lengths for d in self.datasets], self.seq_length,
+                                                   rows_per_batch, same_task=self.pack_same_task, tasks=self.tasks)
+        return self._packers[rows_per_batch]
+
+    def packed_rows(self, packed, rows: Sequence[int]) -> dict:
+        """A microbatch of the rows `rows` of a PackedBatch."""
+        return self._assemble([[(s.dataset, s.sample, s.tokens) for s in packed.rows[r]] for r in rows])
+
+    def _assemble(self, rows: list[list[tuple[int, int, int | None]]]) -> dict:
+        """rows: per row its samples (dataset id, sample id, positions taken; None = the whole row, padded).
+
+        Each sample is fitted and shifted on its own (fit_sample), so no sample predicts the next one's first
+        token; a packed row is its samples' inputs back to back, then padding. `position_ids` (per-sample
+        packed attention only) restart at 0 with every sample and with the padding at the end of a row.
+        """
+        seq, packed = self.seq_length, any(n is not None for row in rows for _, _, n in row)
+        ids = np.full((len(rows), seq), self.pad_id, np.int64)
+        tgts = np.full((len(rows), seq), IGNORE_INDEX, np.int64)
+        pos = np.zeros((len(rows), seq), np.int64)
+        blobs, layout, real = [], [], 0
+        for r, row in enumerate(rows):
+            at, placed = 0, []
+            for d, i, n in row:
+                tokens, labels, images = self.datasets[d][i]
+                input_ids, targets, kept, length = _fit(tokens, labels, seq, self.pad_id, self.image_start_id,
+                                                        self.num_image_tokens)
+                n = seq if n is None else n
+                ids[r, at: at + n], tgts[r, at: at + n] = input_ids[:n], targets[:n]
+                pos[r, at: at + n] = np.arange(n)
+                real += min(length, n)
+                placed.append((d, i, at, n))
+                blobs.extend((d, i, j, b) for j, b in enumerate(images[:kept]))
+                at += n
+            pos[r, at:] = np.arange(seq - at)
+            layout.append(placed)
+        batch = {"input_ids": torch.from_numpy(ids), "targets": torch.from_numpy(tgts), "images": None,
+                 "real_tokens": real, "samples": layout}
+        if packed and self.packed_attention == "per-sample":
+            batch["position_ids"] = torch.from_numpy(pos)
         if blobs and self.tp_size == 1:
             batch["images"] = self._decode(blobs, range(len(blobs)))
         elif blobs:  # this TP rank's share; gather_images completes it (and raises a decode error)
@@ -120,16 +188,25 @@ class MicroBatchLoader:
             where = f"{self.datasets[d].prefix} sample {i} image {j}" if d is not None else "a sample"
             raise CorruptImageError(k, f"{where}: {e.reason}") from e
 
-    def global_batch(self, consumed: int, num_microbatches: int) -> list[dict]:
-        return [self.microbatch(consumed, k) for k in range(num_microbatches)]
+    def global_batch(self, consumed: int, num_microbatches: int) -> GlobalBatch:
+        """This rank's microbatches of the global batch that starts at sample `consumed` of the global order.
+        Packing: the global batch is num_microbatches x MBS x DP rows (data/packing.py); row q of global
+        micro step k goes to rank q // MBS, as samples do without packing."""
+        m = self.micro_batch_size
+        if not self.pack_sequences:
+            return GlobalBatch([self.microbatch(consumed, k) for k in range(num_microbatches)],
+                               consumed + num_microbatches * m * self.world)
+        packed = self.packer(num_microbatches * m * self.world).pack(consumed)
+        first = self.rank * m
+        return GlobalBatch([self.packed_rows(packed, range(k * m * self.world + first, k * m * self.world + first + m))
+                            for k in range(num_microbatches)], packed.next_cursor)
 
-    def iterate(self, consumed: int, num_microbatches: int, global_batch_size: int) -> Iterator[list[dict]]:
+    def iterate(self, consumed: int, num_microbatches: int, global_batch_size: int) -> Iterator[GlobalBatch]:
         """Global batches from `consumed` on, the next one prepared in a background thread."""
         future = self._pool.submit(self.global_batch, consumed, num_microbatches)
         while True:
             batch = future.result()
-            consumed += global_batch_size
-            future = self._pool.submit(self.global_batch, consumed, num_microbatches)
+            future = self._pool.submit(self.global_batch, batch.consumed_after, num_microbatches)
             yield batch
 
 
@@ -207,13 +284,15 @@ class MockLoader:
                 "targets": torch.from_numpy(np.stack([s[1][1:] for s in samples])),
                 "images": torch.stack([s[2] for s in samples])}
 
-    def global_batch(self, consumed: int, num_microbatches: int) -> list[dict]:
-        return [self.microbatch(consumed, k) for k in range(num_microbatches)]
+    def global_batch(self, consumed: int, num_microbatches: int) -> GlobalBatch:
+        return GlobalBatch([self.microbatch(consumed, k) for k in range(num_microbatches)],
+                           consumed + num_microbatches * self.micro_batch_size * self.world)
 
-    def iterate(self, consumed: int, num_microbatches: int, global_batch_size: int) -> Iterator[list[dict]]:
+    def iterate(self, consumed: int, num_microbatches: int, global_batch_size: int) -> Iterator[GlobalBatch]:
         while True:
-            yield self.global_batch(consumed, num_microbatches)
-            consumed += global_batch_size
+            batch = self.global_batch(consumed, num_microbatches)
+            yield batch
+            consumed = batch.consumed_after
 
 
-__all__ = ["fit_sample", "MicroBatchLoader", "MockLoader", "gather_images", "ImageTransform", "IGNORE_INDEX"]
+__all__ = ["fit_sample", "GlobalBatch", "MicroBatchLoader", "MockLoader", "gather_images", "ImageTransform", "IGNORE_INDEX"]

@@ -15,6 +15,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 
+from . import packed
 from .config import LLMConfig
 from .parallel import padded_vocab_size
 
@@ -23,9 +24,10 @@ IGNORE_INDEX = -100
 
 class QwenLanguageModel(MegatronModule):
     def __init__(self, llm: LLMConfig, config: TransformerConfig, layer_spec: ModuleSpec,
-                 pre_process: bool = True, post_process: bool = True):
+                 pre_process: bool = True, post_process: bool = True, packed_thd: bool = False):
         super().__init__(config=config)
         self.llm = llm
+        self.packed_thd = packed_thd  # per-sample packed attention through TE's THD format (models/packed.py)
         self.pre_process, self.post_process = pre_process, post_process
         self.vocab_size = llm.vocab_size
         self.padded_vocab_size = padded_vocab_size(llm.vocab_size, config.tensor_model_parallel_size)
@@ -50,7 +52,8 @@ class QwenLanguageModel(MegatronModule):
         return self.embedding.word_embeddings(input_ids).transpose(0, 1).contiguous()
 
     def forward(self, decoder_input: torch.Tensor | None, seq_length: int,
-                targets: torch.Tensor | None = None, inference_context=None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, inference_context=None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """decoder_input [s, b, h] on the first stage (None elsewhere: the pipeline supplies it).
 
         Returns on the last stage the per-token loss [b, s] (0 where targets == -100) when targets are
@@ -59,10 +62,16 @@ class QwenLanguageModel(MegatronModule):
         `inference_context` (megatron's StaticInferenceContext, generation only): the layers keep their
         keys/values in it and take positions from its `sequence_len_offset`, so the tokens given are the
         ones after the cached prefix; the caller advances the offset.
+
+        `position_ids` [b, s] (packed rows, `--packed-attention per-sample`): positions restart at 0 with
+        every sample, and each sample attends only to itself (models/packed.py). None: one causal sequence
+        per row, positions 0..s-1.
         """
         if decoder_input is not None and self.config.sequence_parallel:
             decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
-        if inference_context is None:
+        if position_ids is not None:
+            hidden = self._per_sample(decoder_input, seq_length, position_ids)
+        elif inference_context is None:
             rotary = self.rotary_pos_emb(seq_length)
             hidden = self.decoder(decoder_input, attention_mask=None, rotary_pos_emb=rotary)
         else:  # megatron slices the table at the cached offset itself
@@ -76,6 +85,26 @@ class QwenLanguageModel(MegatronModule):
             full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
             return full[..., : self.vocab_size].transpose(0, 1).contiguous()
         return self._per_token_loss(hidden, targets.transpose(0, 1)).transpose(0, 1).contiguous()
+
+    def _per_sample(self, decoder_input, seq_length: int, position_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder with every sample of a packed row attending only to itself -> [s, b, h]."""
+        if not self.packed_thd:  # local layers: explicit mask and per-token RoPE
+            if self.config.apply_rope_fusion:
+                raise ValueError("per-sample packed attention with local layers needs unfused RoPE "
+                                 "(--no-rope-fusion) or Transformer Engine")
+            rotary = packed.rotary_per_token(self.rotary_pos_emb(seq_length), position_ids)
+            return self.decoder(decoder_input, attention_mask=packed.attention_mask(position_ids),
+                                rotary_pos_emb=rotary)
+        # Transformer Engine: the microbatch as one THD sequence with cumulative lengths. Pipeline stages
+        # exchange [s, b, h], so the layout is changed on the way in and out of every stage.
+        params = packed.packed_seq_params(position_ids)
+        if decoder_input is not None:
+            decoder_input = packed.to_thd(decoder_input)
+        else:
+            self.decoder.input_tensor = packed.to_thd(self.decoder.input_tensor)
+        hidden = self.decoder(decoder_input, attention_mask=None, packed_seq_params=params,
+                              rotary_pos_emb=self.rotary_pos_emb(params.max_seqlen_q))
+        return packed.from_thd(hidden, position_ids.shape[0])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits, _ = self.output_layer(hidden)

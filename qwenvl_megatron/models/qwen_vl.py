@@ -66,7 +66,8 @@ class QwenVLModel(MegatronModule):
             self.adapter = VisionLanguageAdapter(cfg.adapter, cfg.vit.width, plan.adapter_config(cfg),
                                                  adapter_spec(backend), recompute="adapter" in plan.recompute)
         self.language = QwenLanguageModel(cfg.llm, llm_config, transformer_layer_spec(backend, rms_norm=True, causal=True),
-                                          pre_process=pre_process, post_process=post_process)
+                                          pre_process=pre_process, post_process=post_process,
+                                          packed_thd=plan.impl == "te")
 
     def set_input_tensor(self, tensor):
         if isinstance(tensor, (list, tuple)):
@@ -78,10 +79,12 @@ class QwenVLModel(MegatronModule):
         return self.adapter(self.vision(images))
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, inference_context=None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, inference_context=None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [b, s]; images [n, 3, H, W] for the n `<img>` spans (row-major); targets [b, s] the
         next-token ids (-100: no loss). See QwenLanguageModel.forward for what comes back;
-        `inference_context` is the KV cache of generation (qwenvl_megatron.inference)."""
+        `inference_context` is the KV cache of generation (qwenvl_megatron.inference); `position_ids`
+        [b, s] mark the samples of packed rows for per-sample attention (models/packed.py)."""
         decoder_input = None
         if self.pre_process:
             emb = self.language.embed_tokens(input_ids)
@@ -98,7 +101,8 @@ class QwenVLModel(MegatronModule):
                     dummy = torch.zeros(1, 3, size, size, dtype=emb.dtype, device=emb.device)
                     emb = emb + 0.0 * self.encode_images(dummy).sum()
             decoder_input = emb
-        return self.language(decoder_input, input_ids.shape[1], targets, inference_context=inference_context)
+        return self.language(decoder_input, input_ids.shape[1], targets, inference_context=inference_context,
+                             position_ids=position_ids)
 
 
 def parameter_counts(model: QwenVLModel) -> dict[str, int]:

@@ -132,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", help="qwen.tiktoken or a SentencePiece .model")
     g.add_argument("--image-backend", default="auto", choices=["auto", "dali", "pil"])
     g.add_argument("--mock-data", action="store_true", help="random tokens and images (benchmarks, tests)")
+    g.add_argument("--pack-sequences", action="store_true",
+                   help="pack consecutive samples into rows of --seq-length tokens; --global-batch-size then "
+                        "counts rows (data/packing.py)")
+    g.add_argument("--pack-same-task", action="store_true",
+                   help="with --pack-sequences: a row holds samples of one task only (the task of a sample is "
+                        "its --data-path dataset's: one prefix per task)")
+    g.add_argument("--packed-attention", choices=["causal", "per-sample"],
+                   help="with --pack-sequences: 'per-sample' (default) each sample attends only to itself, "
+                        "positions restart at 0; 'causal' one causal sequence per row")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--save", help="checkpoint directory to write")
     g.add_argument("--load", help="checkpoint directory (or iter_* directory) to start from")
@@ -184,6 +193,15 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit("--gpu-memory-gib and --peak-tflops must be > 0")
     if args.load_weights_only and not args.load:
         raise SystemExit("--load-weights-only needs --load")
+    if not args.pack_sequences and (args.pack_same_task or args.packed_attention):
+        raise SystemExit("--pack-same-task and --packed-attention need --pack-sequences")
+    if args.pack_sequences:
+        args.packed_attention = args.packed_attention or "per-sample"
+        if args.mock_data:
+            raise SystemExit("--pack-sequences needs --data-path (mock samples already fill --seq-length)")
+        if args.sequence_parallel and args.packed_attention == "per-sample":
+            raise SystemExit("--packed-attention per-sample with --sequence-parallel is not implemented; "
+                             "use --packed-attention causal or drop --sequence-parallel")
     return args
 
 

@@ -75,7 +75,9 @@ def build_loader(args, layout: Layout, device):
                                device=device if device.type == "cuda" else None)
     return MicroBatchLoader(args.data_paths, layout.micro_batch_size, layout.seq_length, transform, pad_id,
                             cfg.image_start_id, cfg.adapter.num_queries, weights=args.data_weights,
-                            seed=args.seed, data_parallel_rank=dp_rank, data_parallel_size=layout.data_parallel)
+                            seed=args.seed, data_parallel_rank=dp_rank, data_parallel_size=layout.data_parallel,
+                            pack_sequences=args.pack_sequences, pack_same_task=args.pack_same_task,
+                            packed_attention=args.packed_attention or "per-sample")
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -94,13 +96,15 @@ def grads_finite(model) -> bool:
     return flag.item() == 0
 
 
-def train_step(model, optimizer, scheduler, batches: list, layout: Layout) -> tuple[float, float, bool]:
-    """One global batch -> (loss, grad norm, updated). Skips the update on non-finite loss/grads."""
+def train_step(model, optimizer, scheduler, batches: list, layout: Layout,
+               stats: dict | None = None) -> tuple[float, float, bool]:
+    """One global batch -> (loss, grad norm, updated). Skips the update on non-finite loss/grads.
+    `stats` receives the batch's supervised / real (non-padding) token counts (step.forward_backward)."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     loss, _ = forward_backward(model, batches, layout.num_microbatches, layout.seq_length,
-                               layout.micro_batch_size)
+                               layout.micro_batch_size, stats=stats)
     if not math.isfinite(loss) or not grads_finite(model):
         return loss, float("nan"), False
     updated, grad_norm, _ = optimizer.step()
@@ -168,14 +172,20 @@ def train(args, layout: Layout) -> dict:
     history, skipped_in_row, skipped_total = [], 0, 0
     start = window_start = time.time()
     start_iteration, window_iters = iteration, 0
+    window = {"supervised_tokens": 0, "real_tokens": 0, "positions": 0, "samples": 0}
     log(f"training {cfg.llm.num_layers}-layer LLM, world {layout.world_size} (TP {layout.tensor_parallel} "
         f"PP {layout.pipeline_parallel} DP {layout.data_parallel}), {layout.num_microbatches} microbatches "
         f"of {layout.micro_batch_size}, from iteration {iteration} to {args.train_iters}")
     while iteration < args.train_iters:
-        global_batch = [gather_images(_to_device(b, device)) for b in next(batches)]  # TP image shares
-        loss, grad_norm, updated = train_step(model, optimizer, scheduler, global_batch, layout)
+        host_batch = next(batches)
+        global_batch = [gather_images(_to_device(b, device)) for b in host_batch]  # TP image shares
+        stats = {}
+        loss, grad_norm, updated = train_step(model, optimizer, scheduler, global_batch, layout, stats)
         iteration += 1
-        consumed += layout.global_batch_size
+        window["samples"] += host_batch.consumed_after - consumed
+        consumed = host_batch.consumed_after  # + GBS samples, or the packer's cursor
+        for key in ("supervised_tokens", "real_tokens", "positions"):
+            window[key] += stats[key]
         window_iters += 1
         lr = current_lr(optimizer)
         history.append((iteration, loss, grad_norm, lr))
@@ -195,17 +205,23 @@ def train(args, layout: Layout) -> dict:
             per_iter = (now - window_start) / window_iters
             tflops = flops_step / per_iter / layout.world_size / 1e12
             eta = (args.train_iters - iteration) * (now - start) / (iteration - start_iteration)
+            span = now - window_start
+            supervised_per_s = window["supervised_tokens"] / span
+            padding = 1 - window["real_tokens"] / max(window["positions"], 1)
             log(f"iter {iteration}/{args.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
-                f"{layout.global_batch_size / per_iter:.1f} samples/s | {layout.tokens_per_step / per_iter:,.0f} "
+                f"{window['samples'] / span:.1f} samples/s | {layout.tokens_per_step / per_iter:,.0f} "
                 f"tokens/s | {tflops:.3g} TFLOP/s/GPU | MFU {100 * tflops / args.peak_tflops:.3g}% | "
+                f"supervised {supervised_per_s:,.0f} tokens/s | padding {100 * padding:.1f}% | "
                 f"skipped {skipped_total} | elapsed {_hms(now - start)} | ETA {_hms(eta)}")
             if writer is not None:
                 for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
-                                    ("samples_per_s", layout.global_batch_size / per_iter),
+                                    ("samples_per_s", window["samples"] / span),
+                                    ("supervised_tokens_per_s", supervised_per_s), ("padding_fraction", padding),
                                     ("tflops_per_gpu", tflops), ("skipped", skipped_total)):
                     writer.add_scalar(f"train/{name}", value, iteration)
                 writer.flush()
             window_start, window_iters = now, 0
+            window = dict.fromkeys(window, 0)
         stopping = stop.agreed(device)
         exiting = bool(args.exit_interval and iteration % args.exit_interval == 0)
         if stopping or exiting or iteration % args.save_interval == 0 or iteration == args.train_iters:

@@ -83,7 +83,8 @@ def shares(cfg, prefix, rank):
             blobs = full.calls[0] if full.calls else []
             out["image_counts"].append(len(blobs))
             out["equal"].append(sorted(got) == sorted(want) and all(
-                (got[key] is None and want[key] is None) or torch.equal(got[key], want[key]) for key in want))
+                (got[key] is None and want[key] is None) or (torch.equal(got[key], want[key])
+                if isinstance(want[key], torch.Tensor) else got[key] == want[key]) for key in want))
             out["share_ok"].append([b for c in mine.calls for b in c] == blobs[rank::2])
             out["decoded"] += sum(len(c) for c in mine.calls)
             out["total"] += len(blobs)
