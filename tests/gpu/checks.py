@@ -20,6 +20,7 @@ interpreter that answers their GPU probe with yes. What such a stand-in cannot s
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import gc
 import json
@@ -405,6 +406,7 @@ def main() -> int:
     ap.add_argument("--report", default=os.environ.get("GPU_REPORT", "gpu_report.json"))
     ap.add_argument("--budget-s", type=float, default=470, help="time for all checks (run.sh passes what is left)")
     ap.add_argument("--only", help="comma list of checks to run")
+    ap.add_argument("--jobs", type=int, help="checks run at once (default 1; 2 with --cpu-smoke)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -430,15 +432,13 @@ def main() -> int:
            "gpus": 0 if SMOKE else torch.cuda.device_count(), "versions": versions(),
            "setup": open(setup_log).read().splitlines() if setup_log and os.path.exists(setup_log) else [],
            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "checks": {}}
-    wanted = args.only.split(",") if args.only else list(CHECKS_BY_NAME)
-    for name, _, limit in CHECKS:
-        if name not in wanted:
-            continue
+    wanted = [(name, limit) for name, _, limit in CHECKS if not args.only or name in args.only.split(",")]
+
+    def run(name: str, limit: float) -> tuple[str, dict, dict]:
         t0, log = time.time(), os.path.join(logs, f"{name}.log")
         limit = min(limit * (3 if SMOKE else 1), deadline - t0)
         result = spawn(name, env, limit, log) if limit >= 15 else {"skip": "no time left of the 8-minute budget"}
         status = "SKIP" if "skip" in result else "PASS" if result.get("ok") else "FAIL"
-        print(summary_line(status, name, result), flush=True)
         entry = {"status": status, "seconds": round(time.time() - t0, 1), "log": log,
                  "numbers": {k: v for k, v in result.items() if k not in ("ok", "skip", "error")}}
         if status != "PASS":
@@ -446,10 +446,19 @@ def main() -> int:
         if status == "FAIL" and os.path.exists(log):
             with open(log, errors="replace") as f:
                 entry["log_tail"] = f.read()[-3000:]
-        doc["checks"][name] = entry
-        doc["elapsed_s"] = round(time.time() - start, 1)
-        with open(report, "w") as f:  # after every check: a run cut short still leaves its figures
-            json.dump(doc, f, indent=1, default=str)
+        return name, result, entry
+
+    # One at a time on a GPU (memory figures, time limits); the smoke run uses both cores of a small machine.
+    with concurrent.futures.ThreadPoolExecutor(args.jobs or (2 if SMOKE else 1)) as pool:
+        longest_first = sorted(wanted, key=lambda w: -w[1]) if SMOKE else wanted
+        futures = {name: pool.submit(run, name, limit) for name, limit in longest_first}
+        for name, _ in wanted:  # reported in the order of CHECKS
+            name, result, entry = futures[name].result()
+            print(summary_line(entry["status"], name, result), flush=True)
+            doc["checks"][name] = entry
+            doc["elapsed_s"] = round(time.time() - start, 1)
+            with open(report, "w") as f:  # after every check: a run cut short still leaves its figures
+                json.dump(doc, f, indent=1, default=str)
     failed = [n for n, c in doc["checks"].items() if c["status"] == "FAIL"]
     return 1 if failed else 0
 
