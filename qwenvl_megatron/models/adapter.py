@@ -79,7 +79,9 @@ class VisionLanguageAdapter(MegatronModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ViT features [s, n, vit_width] -> image embeddings [n, num_queries, hidden]."""
         if self.recompute and self.training:
-            out = tensor_parallel.checkpoint(self._attend, False, x)
+            # megatron's checkpoint is reentrant: only an input that needs grad makes the output need it.
+            # With the ViT frozen (stage 3) the features do not, and the adapter would get no gradient.
+            out = tensor_parallel.checkpoint(self._attend, False, x if x.requires_grad else x.detach().requires_grad_())
         else:
             out = self._attend(x)
         out = self.ln_post(out) @ self.proj

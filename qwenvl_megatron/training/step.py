@@ -37,7 +37,7 @@ def build_model(cfg: QwenVLConfig, plan: ParallelPlan, *, freeze=None, wrap_ddp:
     with torch.device(device):
         model = QwenVLModel(cfg, plan, pre_process=parallel_state.is_pipeline_first_stage(),
                             post_process=parallel_state.is_pipeline_last_stage())
-    model.to(device)
+    model.to(device=device, dtype=plan.params_dtype)  # local norms are built fp32: bf16 means all bf16, as in Megatron-LM
     if freeze is not None:
         freeze(model)
     config = model.config
