@@ -183,7 +183,14 @@ def _image_and_size(b: _SampleBuilder, record: dict, task: str, where: str | Non
 
 
 def _box_text(record: dict, box: Any, name: str, width: float, height: float, where: str | None) -> str:
-    return format_points(_coordinates(box, 4, name, record, where), width, height)
+    """A ``[x1, y1, x2, y2]`` pixel box (top-left, bottom-right) as grid text; an inverted box (x1 > x2 or
+    y1 > y2) is refused rather than written as given."""
+    x1, y1, x2, y2 = _coordinates(box, 4, name, record, where)
+    if x1 > x2 or y1 > y2:
+        axis = "x1 > x2" if x1 > x2 else "y1 > y2"
+        raise MalformedRecordError(f"{_describe(record, where)}: field '{name}' {box!r:.80} is inverted ({axis}); "
+                                   f"boxes are [x1, y1, x2, y2] with x1 <= x2 and y1 <= y2")
+    return format_points([x1, y1, x2, y2], width, height)
 
 
 def _encode_caption(b: _SampleBuilder, r: dict, where: str | None) -> None:
