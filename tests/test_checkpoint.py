@@ -2,6 +2,7 @@
 damaged shard is reported with its path instead of loading half a model."""
 import glob
 import os
+import re
 import shutil
 
 import pytest
@@ -59,3 +60,39 @@ def test_no_checkpoint_is_a_clear_error(tmp_path):
         ckpt.resolve_checkpoint_dir(str(tmp_path / "nowhere"))
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint in"):
         ckpt.resolve_checkpoint_dir(str(tmp_path))
+
+
+def test_save_failure_names_errno_path_and_free_space_then_fsync_and_cleanup(tmp_path):
+    """A save under a file-size limit fails in one line with the errno, the path and the free space; the
+    marker stays; the next successful save removes stale iter_*.tmp directories; a save fsyncs every file
+    of the checkpoint, the checkpoint directory, the marker and the save directory."""
+    import json
+    import subprocess
+    import sys
+    save = str(tmp_path / "ckpt")
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "save_faults.py")
+    proc = subprocess.run([sys.executable, worker, save], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    error = out["error"]
+    assert error is not None and "\n" not in error
+    assert error.startswith("saving checkpoint iteration 2 failed: [Errno 27 EFBIG] File too large")
+    assert os.path.join(save, "iter_0000002.tmp") in error
+    assert re.search(r"\d+\.\d\d GiB free of \d+\.\d\d GiB on " + re.escape(save), error)
+    assert out["marker_after_failure"] == 1
+    assert "iter_0000002.tmp" in out["after_failure"] and "iter_0000007.tmp" in out["after_failure"]
+    assert out["after_success"] == ["iter_0000001", "iter_0000003", ckpt.MARKER]
+    assert out["marker_after_success"] == 3
+
+    synced = out["synced"]
+    tmp1 = os.path.join(save, "iter_0000001.tmp")
+    for name in out["files_1"]:  # each file, fsynced before the rename made the directory's name final
+        assert os.path.join(tmp1, name) in synced, name
+    marker_tmp = os.path.join(save, ckpt.MARKER + ".tmp")
+    assert tmp1 in synced and marker_tmp in synced
+    last_file = max(synced.index(os.path.join(tmp1, n)) for n in out["files_1"])
+    # the save directory after the rename (before the marker) and after the marker's replace
+    assert save in synced[last_file + 1:synced.index(marker_tmp)]
+    assert synced[-1] == save

@@ -272,6 +272,12 @@ def test_too_long_truncate_rejects_cut_in_image_or_no_loss(sp):
     ({"task": "poem", "text": "x"}, "unknown task 'poem'"),
     ({"task": "grounding", "image": "a", "height": 5, "phrase": "p", "box": [1, 2, 3, 4]}, "missing field 'width'"),
     ({"task": "grounding", "image": "a", "width": 5, "height": 5, "phrase": "p", "box": [1, 2, 3]}, "'box'"),
+    ({"task": "grounding", "image": "a", "width": 5, "height": 5, "phrase": "p", "box": [4, 1, 2, 3]},
+     "'box' .* is inverted \\(x1 > x2\\)"),
+    ({"task": "referring", "image": "a", "width": 5, "height": 5, "phrase": "p", "box": [1, 4, 2, 3]},
+     "'box' .* is inverted \\(y1 > y2\\)"),
+    ({"task": "grounded_caption", "image": "a", "width": 5, "height": 5, "caption": "a cat",
+      "refs": [{"phrase": "cat", "box": [3, 3, 1, 4]}]}, "'refs\\[\\].box' .* is inverted \\(x1 > x2\\)"),
     ({"task": "grounded_caption", "image": "a", "width": 5, "height": 5, "caption": "a cat",
       "refs": [{"phrase": "dog", "box": [1, 2, 3, 4]}]}, "'dog' does not occur"),
     ({"task": "ocr", "image": "a", "width": 5, "height": 5, "texts": [{"text": "A"}]}, "missing field 'quad'"),
@@ -319,6 +325,23 @@ def test_iter_records_jsonl_and_json_list(tmp_path):
     bad.write_text('{"task":"text","text":"a"}\n{oops\n')
     with pytest.raises(MalformedRecordError, match=r"bad.jsonl:2: invalid JSON"):
         list(iter_records(str(bad)))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"task":"text","text":"a"}\n{"task":"text","text":"caf\xe9"}\n')
+    with pytest.raises(MalformedRecordError, match=r"latin1.jsonl:2: invalid UTF-8 \(byte 0xe9 at column 27\)"):
+        list(iter_records(str(latin1)))
+    js_bad = tmp_path / "latin1.json"
+    js_bad.write_bytes(b'[{"task":"text","text":"a"},\n {"task":"text",\n  "text":"caf\xe9"}]')
+    with pytest.raises(MalformedRecordError, match=r"latin1.json:3: invalid UTF-8 \(byte 0xe9\) in record \[1\]"):
+        list(iter_records(str(js_bad)))
+    for text, message in (("[1, 2", "invalid JSON"), ('[{"a": 1}] x', "extra data"), ("3", "expected a JSON list"),
+                          ("[1 2]", "expected ',' or ']'")):
+        (tmp_path / "x.json").write_text(text)
+        with pytest.raises(MalformedRecordError, match=message):
+            list(iter_records(str(tmp_path / "x.json")))
+    (tmp_path / "one.json").write_text(' {"task": "text", "text": "a"} \n')
+    (tmp_path / "empty.json").write_text("[ ]")
+    assert [r for _, r in iter_records(str(tmp_path / "one.json"))] == [{"task": "text", "text": "a"}]
+    assert list(iter_records(str(tmp_path / "empty.json"))) == []
 
 
 def test_resolve_image_path_and_record_texts(tmp_path):

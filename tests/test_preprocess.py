@@ -148,3 +148,41 @@ def test_command_line_truncate_and_summary(tmp_path, corpus):
     assert "done: 10 records -> 6 samples" in proc.stderr and "4 rejected" in proc.stderr
     ds = IndexedDataset(str(out))
     assert ds.lengths.tolist()[2] == 64  # the long text record, cut to --seq-length
+
+
+def test_invalid_utf8_rejects_one_record_and_the_run_goes_on(tmp_path):
+    """A line (.jsonl) or a record (.json list) with bytes that are not UTF-8 is a reject naming its file
+    and line; every other record is written, and no temporary file stays behind."""
+    tool = _load_tool()
+    good = [{"task": "text", "text": f"record {i} café"} for i in range(4)]
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in good]
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_bytes(b"\n".join(lines[:2] + [b'{"task": "text", "text": "bad \xff\xfe byte"}'] + lines[2:]) + b"\n")
+    js = tmp_path / "list.json"
+    body = [json.dumps(r, ensure_ascii=False).encode() for r in good[:2]]
+    js.write_bytes(b"[\n" + body[0] + b",\n" + b'{"task": "text",\n "text": "caf\xe9 latin-1"},\n' + body[1] + b"\n]\n")
+    out = tmp_path / "out"
+    summary = tool.preprocess([str(jsonl), str(js)], "qwen", VOCAB, str(out), workers=1, seq_length=64,
+                              num_image_tokens=N_IMG, chunk_size=2, log=io.StringIO())
+    assert summary["records"] == 8 and summary["written"] == 6 and summary["rejected"] == 2
+    tok = build_tokenizer("qwen", VOCAB)
+    ds = IndexedDataset(str(out))
+    expected = good + good[:2]
+    assert len(ds) == len(expected)
+    for i, record in enumerate(expected):
+        np.testing.assert_array_equal(ds[i][0], encode_record(record, tok, N_IMG, 64).tokens)
+    rejects = [json.loads(line) for line in open(str(out) + ".rejects.jsonl")]
+    assert [(os.path.basename(r["source"]), r.get("line", r.get("index"))) for r in rejects] == [
+        ("mixed.jsonl", 3), ("list.json", 1)]
+    assert f"{jsonl}:3: invalid UTF-8 (byte 0xff" in rejects[0]["reason"]
+    assert f"{js}:4: invalid UTF-8 (byte 0xe9) in record [1]" in rejects[1]["reason"]
+    assert sorted(os.listdir(tmp_path)) == ["list.json", "mixed.jsonl", "out.bin", "out.idx", "out.rejects.jsonl"]
+
+
+def test_a_failed_run_leaves_no_temporary_files(tmp_path):
+    tool = _load_tool()
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"task": "text", "text": "fine"}) + "\n")
+    with pytest.raises(SystemExit, match="input file not found"):
+        tool.preprocess([str(tmp_path / "ok.jsonl"), str(tmp_path / "missing.jsonl")], "qwen", VOCAB,
+                        str(tmp_path / "out"), log=io.StringIO())
+    assert sorted(os.listdir(tmp_path)) == ["ok.jsonl"]

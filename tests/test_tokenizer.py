@@ -97,6 +97,18 @@ def test_qwen_round_trip_plain(qwen, text):
     assert not any(qwen.is_special(i) for i in ids)
 
 
+def test_qwen_nfc_normalises_like_the_release(qwen):
+    """The release's QWenTokenizer NFC-normalises before BPE: decomposed accents give the composed ids."""
+    import unicodedata
+    composed = "café naïve Ångström"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert decomposed != composed
+    assert qwen.encode(decomposed) == qwen.encode(composed)
+    assert qwen.encode("<ref>" + decomposed, allow_special=True) == [151851] + qwen.encode(composed)
+    assert len(qwen.encode(composed)) == 8
+    assert qwen.decode(qwen.encode(decomposed)) == composed
+
+
 def test_qwen_round_trip_tags_with_allow_special(qwen):
     text = "<ref>the dog</ref><box>(12,34),(560,780)</box> and <quad>(1,2),(3,4),(5,6),(7,8)</quad><|im_end|>"
     ids = qwen.encode(text, allow_special=True)

@@ -33,8 +33,8 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from qwenvl_megatron.data.formats import (MalformedRecordError, RecordError, encode_record, read_json_list,
-                                          resolve_image_path)
+from qwenvl_megatron.data.formats import (MalformedRecordError, RecordError, decode_utf8, encode_record,
+                                          read_json_list, resolve_image_path)
 from qwenvl_megatron.data.indexed import IndexedDataset, IndexedDatasetWriter, merge_datasets
 from qwenvl_megatron.data.tokenizer import build_tokenizer
 
@@ -48,7 +48,7 @@ class Chunk:
     chunk_id: int
     kind: str                      # "jsonl" | "json" | "tar"
     source: str
-    items: list = field(default_factory=list)  # jsonl: (line_no, text); json: (index, record)
+    items: list = field(default_factory=list)  # jsonl: (line_no, raw bytes); json: (index, record)
 
 
 @dataclass
@@ -79,7 +79,7 @@ def iter_chunks(inputs: list[str], chunk_size: int) -> Iterator[Chunk]:
                 yield Chunk(chunk_id, "json", path, list(enumerate(data[start:start + chunk_size], start)))
                 chunk_id += 1
         elif path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
+            with open(path, "rb") as f:  # lines stay bytes: the worker decodes, so bad UTF-8 rejects one line
                 items: list = []
                 for line_no, line in enumerate(f, 1):
                     if line.strip():
@@ -204,7 +204,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
                 try:
                     if chunk.kind == "jsonl":
                         try:
-                            item = json.loads(item)
+                            item = json.loads(decode_utf8(item, where))
                         except json.JSONDecodeError as e:
                             raise RecordError(f"{where}: invalid JSON: {e}") from None
                     writer.add(*_encode(item, where, _file_image_loader(chunk.source, where)))
@@ -238,8 +238,20 @@ def preprocess(inputs: list[str], tokenizer_type: str, tokenizer_model: str, out
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     shard_dir = output_prefix + ".shards.tmp"
+    rejects_path = output_prefix + ".rejects.jsonl"
     shutil.rmtree(shard_dir, ignore_errors=True)
     os.makedirs(shard_dir)
+    try:
+        return _preprocess(inputs, tokenizer_type, tokenizer_model, output_prefix, shard_dir, rejects_path,
+                           workers, seq_length, num_image_tokens, too_long, chunk_size, log_interval, log)
+    finally:  # success or failure (a missing input, a bad .json list): no temporary file stays behind
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        if os.path.exists(rejects_path + ".tmp"):
+            os.remove(rejects_path + ".tmp")
+
+
+def _preprocess(inputs, tokenizer_type, tokenizer_model, output_prefix, shard_dir, rejects_path, workers,
+                seq_length, num_image_tokens, too_long, chunk_size, log_interval, log) -> dict:
     options = {"num_image_tokens": num_image_tokens, "seq_length": seq_length, "too_long": too_long,
                "shard_dir": shard_dir}
     init_args = (tokenizer_type, tokenizer_model, options)
@@ -247,7 +259,6 @@ def preprocess(inputs: list[str], tokenizer_type: str, tokenizer_model: str, out
     totals = {"records": 0, "written": 0, "rejected": 0}
     shard_ids: list[int] = []
     next_log = log_interval
-    rejects_path = output_prefix + ".rejects.jsonl"
     with open(rejects_path + ".tmp", "w", encoding="utf-8") as rejects_file:
         def consume(results):
             nonlocal next_log

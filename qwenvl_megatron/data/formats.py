@@ -183,7 +183,14 @@ def _image_and_size(b: _SampleBuilder, record: dict, task: str, where: str | Non
 
 
 def _box_text(record: dict, box: Any, name: str, width: float, height: float, where: str | None) -> str:
-    return format_points(_coordinates(box, 4, name, record, where), width, height)
+    """A ``[x1, y1, x2, y2]`` pixel box (top-left, bottom-right) as grid text; an inverted box (x1 > x2 or
+    y1 > y2) is refused rather than written as given."""
+    x1, y1, x2, y2 = _coordinates(box, 4, name, record, where)
+    if x1 > x2 or y1 > y2:
+        axis = "x1 > x2" if x1 > x2 else "y1 > y2"
+        raise MalformedRecordError(f"{_describe(record, where)}: field '{name}' {box!r:.80} is inverted ({axis}); "
+                                   f"boxes are [x1, y1, x2, y2] with x1 <= x2 and y1 <= y2")
+    return format_points([x1, y1, x2, y2], width, height)
 
 
 def _encode_caption(b: _SampleBuilder, r: dict, where: str | None) -> None:
@@ -376,6 +383,8 @@ def _encode_chat(b: _SampleBuilder, r: dict, where: str | None) -> None:
 # --------------------------------------------------------------------------------------- public API
 def record_task(record: Any, where: str | None = None) -> str:
     """The record's task name; ChatML records (with ``conversations``) are ``"chat"``."""
+    if isinstance(record, BadRecord):
+        raise MalformedRecordError(record.reason)
     if not isinstance(record, dict):
         raise MalformedRecordError(f"{_describe(record, where)}: a record must be a JSON object, "
                                    f"got {type(record).__name__}")
@@ -470,34 +479,104 @@ def prompt_for(task: str, tokenizer: Tokenizer, num_image_tokens: int = DEFAULT_
 
 
 # ------------------------------------------------------------------------------------- raw files
+@dataclass
+class BadRecord:
+    """Stands in for a record of a `.json` list that cannot be read (bytes that are not UTF-8): the reason
+    names the file and line. `encode_record` raises it as a MalformedRecordError, so it becomes a reject."""
+
+    reason: str
+
+
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def decode_utf8(raw: bytes, where: str) -> str:
+    """One line of a raw file as text; bytes that are not UTF-8 are a MalformedRecordError naming `where`."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedRecordError(f"{where}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}): "
+                                   f"{e.reason}") from None
+
+
+def _line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
 def read_json_list(path: str) -> list:
     """The records of a `.json` file holding a list of objects (the release's fine-tune format); a single
-    object counts as a list of one."""
-    with open(path, encoding="utf-8") as f:
+    object counts as a list of one. A record containing bytes that are not UTF-8 becomes a `BadRecord`
+    naming the file, line and index (the other records are still read); invalid JSON raises for the file."""
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="surrogateescape")
+    decoder = json.JSONDecoder()
+
+    def value(pos):
         try:
-            data = json.load(f)
+            return decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise MalformedRecordError(f"{path}: invalid JSON: {e}") from None
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
+
+    def invalid(what, pos):
+        raise MalformedRecordError(f"{path}: invalid JSON: {what} (line {_line_of(text, pos)})")
+
+    pos = _JSON_SPACE.match(text, 0).end()
+    spans: list[tuple[Any, int, int]] = []
+    if text.startswith("[", pos):
+        pos = _JSON_SPACE.match(text, pos + 1).end()
+        if text.startswith("]", pos):
+            pos += 1
+        else:
+            while True:
+                record, end = value(pos)
+                spans.append((record, pos, end))
+                pos = _JSON_SPACE.match(text, end).end()
+                if text.startswith(",", pos):
+                    pos = _JSON_SPACE.match(text, pos + 1).end()
+                elif text.startswith("]", pos):
+                    pos += 1
+                    break
+                else:
+                    invalid("expected ',' or ']' after a record", pos)
+    elif text.startswith("{", pos):
+        record, end = value(pos)
+        spans.append((record, pos, end))
+        pos = end
+    else:
+        if pos < len(text):
+            value(pos)  # valid JSON that is not a list: the error below; invalid JSON: its own error
         raise MalformedRecordError(f"{path}: expected a JSON list of records")
-    return data
+    if _JSON_SPACE.match(text, pos).end() != len(text):
+        invalid("extra data after the list", pos)
+    records = []
+    for i, (record, start, end) in enumerate(spans):
+        bad = _ESCAPED_BYTE.search(text, start, end)
+        if bad:
+            byte = ord(bad.group()) - 0xDC00
+            record = BadRecord(f"{path}:{_line_of(text, bad.start())}: invalid UTF-8 (byte 0x{byte:02x}) in "
+                               f"record [{i}]")
+        records.append(record)
+    return records
 
 
 def iter_records(path: str) -> Iterator[tuple[str, dict]]:
     """Yield ``(where, record)`` from a ``.jsonl`` file (one object per line) or a ``.json`` file holding a
-    list of objects (the release's fine-tune format). ``where`` is ``"file:line"`` or ``"file[index]"``."""
+    list of objects (the release's fine-tune format). ``where`` is ``"file:line"`` or ``"file[index]"``.
+    Invalid JSON or bytes that are not UTF-8 raise MalformedRecordError naming the file and line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     if path.endswith(".json"):
         for i, record in enumerate(read_json_list(path)):
+            if isinstance(record, BadRecord):
+                raise MalformedRecordError(record.reason)
             yield f"{path}[{i}]", record
         return
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
+            line = decode_utf8(raw, f"{path}:{line_no}")
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:

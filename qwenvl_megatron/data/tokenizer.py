@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import unicodedata
 from typing import Iterable
 
 # Special tokens and the attribute that holds each one's id (reference 1.4).
@@ -133,6 +134,8 @@ class QwenTokenizer(Tokenizer):
         self._set_id_attributes()
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        # As the release's QWenTokenizer.tokenize: NFC first, so "e" + U+0301 encodes as "é" does.
+        text = unicodedata.normalize("NFC", text)
         if allow_special:
             return self._encoding.encode(text, allowed_special="all")
         return self._encoding.encode_ordinary(text)

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", help="checkpoint directory (or iter_* directory) to start from")
     g.add_argument("--load-weights-only", action="store_true",
                    help="take only the weights from --load: fresh optimizer, iteration 0 (next stage)")
+    g.add_argument("--overwrite-checkpoints", action="store_true",
+                   help="allow a run to write into a --save directory whose marker names a newer iteration than "
+                        "the run starts from (moving the marker back); refused without it")
     g.add_argument("--save-interval", type=int, default=1000)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir")
@@ -202,7 +205,36 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if args.sequence_parallel and args.packed_attention == "per-sample":
             raise SystemExit("--packed-attention per-sample with --sequence-parallel is not implemented; "
                              "use --packed-attention causal or drop --sequence-parallel")
+    if not args.dry_run:  # a dry run plans without data, tokenizer or checkpoint
+        check_input_paths(args)
     return args
+
+
+def check_input_paths(args: argparse.Namespace) -> None:
+    """Every file the run will read exists, before anything is built: one line naming the flag and path.
+    (--model-config is read by `load_model_config` already.) --load may name an empty or absent directory
+    only when it is also --save: the stage scripts pass both so a run resumes when there is something."""
+    if not args.mock_data:
+        for prefix in args.data_paths:
+            for suffix in (".bin", ".idx"):
+                if not os.path.isfile(prefix + suffix):
+                    raise SystemExit(f"--data-path {prefix}: {prefix + suffix} not found (expected the "
+                                     f"PREFIX.bin/PREFIX.idx pair written by tools/preprocess_data.py)")
+    if args.tokenizer_model and not os.path.isfile(args.tokenizer_model):
+        raise SystemExit(f"--tokenizer-model: file not found: {args.tokenizer_model}")
+    if args.load:
+        from .checkpoint import CheckpointError, latest_iteration, resolve_checkpoint_dir
+        same_as_save = bool(args.save) and os.path.abspath(args.load) == os.path.abspath(args.save)
+        if same_as_save and not os.path.isfile(os.path.join(args.load, "metadata.json")):
+            try:
+                if latest_iteration(args.load) is None:
+                    return  # nothing saved there yet: the run starts from scratch
+            except CheckpointError as e:
+                raise SystemExit(f"--load: {e}") from None
+        try:
+            resolve_checkpoint_dir(args.load)
+        except CheckpointError as e:
+            raise SystemExit(f"--load: {e}") from None
 
 
 def load_model_config(args) -> QwenVLConfig:

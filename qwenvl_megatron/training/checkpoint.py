@@ -19,13 +19,21 @@ missing or unexpected key is a `CheckpointError` naming the checkpoint and the k
 for a different network (its `model_config.json` differs in anything but `vit.image_size`, which stages
 1 and 2 change) is refused before any tensor is read.
 
-A save is atomic: every rank writes into `iter_XXXXXXX.tmp`, rank 0 renames it into place once all ranks
-have finished, and only then moves the marker. A crash mid-save leaves the previous checkpoint current.
+A save is atomic and durable: every rank writes into `iter_XXXXXXX.tmp`, rank 0 fsyncs its files,
+renames it into place once all ranks have finished, fsyncs the save directory, and only then moves the
+marker (written, fsynced, renamed, directory fsynced). A crash mid-save leaves the previous checkpoint
+current; the next successful save removes the `iter_*.tmp` it left. The trainer saves with
+`move_marker=False` and calls `mark_proven` once a finite loss on the weights proves them. A failed save
+raises `CheckpointSaveError` on every rank: one line with the errno, the path and the free space.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
+import re
+import resource
 import shutil
 from dataclasses import asdict, is_dataclass
 from typing import Any
@@ -183,28 +191,180 @@ def _plain(args: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- save
-def _save(state: dict, save_dir: str, iteration: int, cfg: QwenVLConfig) -> str:
+class CheckpointSaveError(CheckpointError):
+    """A save failed; the message carries the errno, the path and the free space there, in one line."""
+
+
+def _free_space(path: str) -> str:
+    path = os.path.dirname(path.rstrip(os.sep)) if path.endswith((".tmp", MARKER)) else path
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        usage = shutil.disk_usage(path or ".")
+    except OSError as e:
+        return f"free space on {path} unknown ({e.strerror})"
+    return f"{usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.2f} GiB on {path}"
+
+
+def _error_chain(exc: BaseException) -> list[BaseException]:
+    """An exception and everything below it: causes, contexts, and the per-rank failures that
+    torch.distributed.checkpoint's CheckpointException keeps as (exception, traceback) pairs."""
+    seen, todo, out = set(), [exc], []
+    while todo:
+        e = todo.pop(0)
+        if isinstance(e, tuple) and e and isinstance(e[0], BaseException):
+            e = e[0]
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        out.append(e)
+        todo += [e.__cause__, e.__context__, *(getattr(e, "failures", None) or {}).values()]
+    return out
+
+
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^\n'\"]+)")
+
+
+def _probable_errno(path: str) -> tuple[int | None, str | None]:
+    """When the writer lost the errno: a file-size limit, a full disk or an unwritable directory, if so."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return errno.EFBIG, f"File too large (probably: the file-size limit, ulimit -f, is {soft} bytes)"
+    directory = os.path.dirname(path.rstrip(os.sep)) or "."
+    try:
+        if shutil.disk_usage(directory).free < 2**30:
+            return errno.ENOSPC, "No space left on device (probably: under 1 GiB free)"
+    except OSError:
+        pass
+    if os.path.isdir(directory) and not os.access(directory, os.W_OK):
+        return errno.EACCES, "Permission denied (probably: the directory is not writable)"
+    return None, None
+
+
+def describe_save_error(exc: BaseException, path: str, what: str) -> str:
+    """One line: what failed, the errno (number, name, text), the file, the free space there, and the
+    deepest error of the chain (megatron and torch re-wrap the writer's errors: a file-size limit surfaces
+    as 'unexpected pos ...' or a CheckpointException with the EFBIG below it)."""
+    chain = _error_chain(exc)
+    os_err = next((e for e in chain if isinstance(e, OSError) and e.errno), None)
+    if os_err is not None:
+        number, text, where = os_err.errno, os_err.strerror, os_err.filename or path
+    else:  # only the text survived (e.g. a worker process's error re-raised as a RuntimeError)
+        found = next((m for m in (_ERRNO_TEXT.search(str(e)) for e in chain) if m), None)
+        number, text, where = (int(found.group(1)), found.group(2).strip(), path) if found else (None, None, path)
+    if not number:  # torch's C++ writer drops errno ("unexpected pos 704 vs 598"): name the likely one
+        number, text = _probable_errno(path)
+    code = f"[Errno {number} {errno.errorcode.get(number, '?')}] {text}" if number else "errno unknown"
+    root = chain[-1]
+    cause = " ".join(f"{type(root).__name__}: {root}".split())
+    return f"{what} failed: {code}: {where}; {_free_space(path)} ({cause[:300]})"
+
+
+def _agree_ok(error: BaseException | None, path: str, what: str) -> None:
+    """Collective: raise CheckpointSaveError on every rank if any rank failed (none waits in a barrier)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([0.0 if error is None else 1.0], device=_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = flag.item() > 0
+    else:
+        failed = error is not None
+    if error is not None:
+        raise CheckpointSaveError(describe_save_error(error, path, what)) from error
+    if failed:
+        raise CheckpointSaveError(f"{what} failed on another rank (see its error): {path}; {_free_space(path)}")
+
+
+def _device():
+    from ..runtime import device
+    return device()
+
+
+def _fsync(path: str) -> None:
+    """fsync a file or a directory (a directory fsync makes its entries, e.g. a rename, durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(dirpath, name))
+        _fsync(dirpath)
+
+
+def _write_marker(save_dir: str, iteration: int) -> None:
+    """Replace the marker atomically and durably: write + fsync a temp file, rename, fsync the directory."""
+    marker_tmp = os.path.join(save_dir, MARKER + ".tmp")
+    with open(marker_tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(marker_tmp, os.path.join(save_dir, MARKER))
+    _fsync(save_dir)
+
+
+def _remove_stale_temps(save_dir: str) -> list[str]:
+    """`iter_*.tmp` directories left by failed or killed saves (called after a successful one)."""
+    stale = sorted(glob.glob(os.path.join(glob.escape(save_dir), "iter_*.tmp")))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _save(state: dict, save_dir: str, iteration: int, cfg: QwenVLConfig, move_marker: bool = True) -> str:
     final = iter_dir(save_dir, iteration)
     tmp = final + ".tmp"
+    what = f"saving checkpoint iteration {iteration}"
+    error = None
     if _rank() == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    dist_checkpointing.save(state, tmp)
-    _barrier()
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as e:
+            error = e
+    _agree_ok(error, tmp, what)
+    try:
+        dist_checkpointing.save(state, tmp)
+    # torch's CheckpointException derives from BaseException, not Exception
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised with errno, path, free space
+        error = e
+    _agree_ok(error, tmp, what)
     if _rank() == 0:
-        with open(os.path.join(tmp, MODEL_CONFIG), "w") as f:
-            json.dump(cfg.to_hf_config(), f, indent=2)
-        if os.path.exists(final):  # re-saving an iteration: replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        marker_tmp = os.path.join(save_dir, MARKER + ".tmp")
-        with open(marker_tmp, "w") as f:
-            f.write(f"{iteration}\n")
-        os.replace(marker_tmp, os.path.join(save_dir, MARKER))
-    _barrier()
+        try:
+            with open(os.path.join(tmp, MODEL_CONFIG), "w") as f:
+                json.dump(cfg.to_hf_config(), f, indent=2)
+            _fsync_tree(tmp)  # every rank's files reached the disk before the name says they did
+            if os.path.exists(final):  # re-saving an iteration: replace it whole
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync(save_dir)
+            if move_marker:
+                _write_marker(save_dir, iteration)
+            _remove_stale_temps(save_dir)
+        except OSError as e:
+            error = e
+    _agree_ok(error, final, what)
     return final
+
+
+def mark_proven(save_dir: str, iteration: int) -> None:
+    """Move the marker to a checkpoint saved with `move_marker=False`, once its weights are proven (the
+    next step's loss on them was finite). Collective."""
+    error = None
+    if _rank() == 0:
+        if not os.path.isfile(os.path.join(iter_dir(save_dir, iteration), "metadata.json")):
+            error = FileNotFoundError(errno.ENOENT, "checkpoint directory missing or incomplete",
+                                      iter_dir(save_dir, iteration))
+        else:
+            try:
+                _write_marker(save_dir, iteration)
+            except OSError as e:
+                error = e
+    _agree_ok(error, os.path.join(save_dir, MARKER), f"moving the marker to iteration {iteration}")
 
 
 def save_model_weights(model_chunks: list, save_dir: str, cfg: QwenVLConfig, iteration: int = 0,
@@ -216,8 +376,9 @@ def save_model_weights(model_chunks: list, save_dir: str, cfg: QwenVLConfig, ite
 
 
 def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, cfg: QwenVLConfig, optimizer,
-                    scheduler=None, consumed_samples: int = 0, args: Any = None) -> str:
-    """Everything needed to continue training bit-for-bit. Collective over all ranks."""
+                    scheduler=None, consumed_samples: int = 0, args: Any = None, move_marker: bool = True) -> str:
+    """Everything needed to continue training bit-for-bit. Collective over all ranks. With
+    `move_marker=False` the checkpoint is written but the marker stays until `mark_proven`."""
     model_sd = _model_state(model_chunks)
     has_state = _optimizer_has_state(optimizer, scheduler)
     state = {
@@ -229,7 +390,7 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, cfg: Qwen
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=_SHARDING_METADATA)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
-    return _save(state, save_dir, iteration, cfg)
+    return _save(state, save_dir, iteration, cfg, move_marker)
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -329,6 +490,6 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
             "args": loaded.get("args", {}), "layout": common.get("layout"), "path": ckpt}
 
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_model_weights", "load_model_weights",
+__all__ = ["CheckpointError", "CheckpointSaveError", "mark_proven", "describe_save_error", "save_checkpoint", "load_checkpoint", "save_model_weights", "load_model_weights",
            "read_model_config", "check_model_config", "config_differences", "latest_iteration",
            "resolve_checkpoint_dir", "iter_dir", "MARKER", "MODEL_CONFIG"]

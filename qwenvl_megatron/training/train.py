@@ -5,7 +5,8 @@
 Each iteration is one global batch: GBS / (MBS x DP) microbatches through megatron's schedule, one
 optimizer update, one LR-scheduler step. A non-finite loss or gradient skips the update (the data is
 still consumed, as in Megatron-LM); `--max-skipped-iters` in a row stops the run. SIGTERM (e.g. Slurm's
-pre-emption warning) saves a checkpoint and exits cleanly.
+pre-emption warning) saves a checkpoint and exits cleanly. The marker moves to a checkpoint only once a
+finite loss on its weights proves it (the next step's, or a forward-only pass for the last save).
 """
 from __future__ import annotations
 
@@ -155,6 +156,7 @@ def train(args, layout: Layout) -> dict:
             iteration, consumed = info["iteration"], info["consumed_samples"]
             log(f"loaded {'weights from ' if args.load_weights_only else ''}{info['path']} "
                 f"(iteration {iteration}, consumed samples {consumed})")
+    check_no_rollback(args, iteration)
 
     loader = build_loader(args, layout, device)
     batches = loader.iterate(consumed, layout.num_microbatches, layout.global_batch_size)
@@ -163,13 +165,31 @@ def train(args, layout: Layout) -> dict:
     flops_step = flops_per_sample(cfg, layout.seq_length, args.image_size, args.freeze) * layout.global_batch_size
     record = args_record(args)
 
-    def save(it, done):
-        if args.save:
+    def save(it, done) -> str:
+        """Write the checkpoint; the marker stays where it is until `prove` moves it."""
+        try:
             path = ckpt.save_checkpoint(args.save, it, model, cfg, optimizer, scheduler, consumed_samples=done,
-                                        args=record)
-            log(f"saved checkpoint {path}")
+                                        args=record, move_marker=False)
+        except ckpt.CheckpointSaveError as e:
+            raise SystemExit(f"--save {args.save}: {e}") from None
+        log(f"saved checkpoint {path} (the marker moves to it once a finite loss on its weights proves it)")
+        return path
+
+    def prove(it, how):
+        try:
+            ckpt.mark_proven(args.save, it)
+        except ckpt.CheckpointSaveError as e:
+            raise SystemExit(f"--save {args.save}: {e}") from None
+        log(f"checkpoint {ckpt.iter_dir(args.save, it)} proven ({how}): {ckpt.MARKER} -> {it}")
+
+    def last_proven() -> str:
+        if not args.save:
+            return "none (no --save)"
+        it = ckpt.latest_iteration(args.save)
+        return "none" if it is None else f"{ckpt.iter_dir(args.save, it)} (iteration {it})"
 
     history, skipped_in_row, skipped_total = [], 0, 0
+    unproven = None  # iteration of the newest checkpoint saved but not yet proven
     start = window_start = time.time()
     start_iteration, window_iters = iteration, 0
     window = {"supervised_tokens": 0, "real_tokens": 0, "positions": 0, "samples": 0}
@@ -191,6 +211,9 @@ def train(args, layout: Layout) -> dict:
         history.append((iteration, loss, grad_norm, lr))
         if updated:
             skipped_in_row = 0
+            if unproven is not None:  # this step's loss was computed on the checkpoint's weights
+                prove(unproven, f"loss {loss:.4f} at iteration {iteration}")
+                unproven = None
         else:
             skipped_in_row += 1
             skipped_total += 1
@@ -198,8 +221,8 @@ def train(args, layout: Layout) -> dict:
                 f"({skipped_in_row} in a row, {skipped_total} total)")
             if skipped_in_row >= args.max_skipped_iters:
                 raise SystemExit(f"stopping: {skipped_in_row} consecutive iterations had a non-finite loss or "
-                                 f"gradient (--max-skipped-iters {args.max_skipped_iters}); last good checkpoint "
-                                 f"is in {args.save or '(no --save)'}; lower --lr or check the data")
+                                 f"gradient (--max-skipped-iters {args.max_skipped_iters}); last proven checkpoint: "
+                                 f"{last_proven()}; lower --lr or check the data")
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             now = time.time()
             per_iter = (now - window_start) / window_iters
@@ -224,8 +247,21 @@ def train(args, layout: Layout) -> dict:
             window = dict.fromkeys(window, 0)
         stopping = stop.agreed(device)
         exiting = bool(args.exit_interval and iteration % args.exit_interval == 0)
-        if stopping or exiting or iteration % args.save_interval == 0 or iteration == args.train_iters:
+        if args.save and (stopping or exiting or iteration % args.save_interval == 0
+                          or iteration == args.train_iters):
             save(iteration, consumed)
+            if stopping or exiting or iteration == args.train_iters:
+                # No next step will prove these weights: one forward-only pass on this step's batch does.
+                check, _ = forward_backward(model, global_batch, layout.num_microbatches, layout.seq_length,
+                                            layout.micro_batch_size, forward_only=True)
+                if math.isfinite(check):
+                    prove(iteration, f"forward-only loss {check:.4f} on its weights")
+                    unproven = None
+                else:
+                    log(f"checkpoint {ckpt.iter_dir(args.save, iteration)} NOT proven: the loss on its weights "
+                        f"is {check}; {ckpt.MARKER} stays at {last_proven()}")
+            else:
+                unproven = iteration
         if stopping:
             log(f"SIGTERM: saved at iteration {iteration}, exiting")
             break
@@ -242,8 +278,39 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def planned_start_iteration(args) -> int | None:
+    """The iteration a run will start from, known before building anything: 0 without --load or with
+    --load-weights-only (or an empty --load that is --save), else the iteration of the iter_* directory
+    --load resolves to (None when its name does not say; the check after loading covers that)."""
+    if not args.load or args.load_weights_only:
+        return 0
+    try:
+        path = ckpt.resolve_checkpoint_dir(args.load)
+    except ckpt.CheckpointError:
+        return 0  # the --load == --save case with nothing saved yet (check_input_paths refused the others)
+    name = os.path.basename(os.path.normpath(path))
+    return int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
+
+
+def check_no_rollback(args, start: int | None) -> None:
+    """Refuse to write into a --save directory whose marker names a newer iteration than the run starts
+    from: its saves would move the marker back (a relaunch without --load restarting from 0)."""
+    if not args.save or start is None or args.overwrite_checkpoints:
+        return
+    try:
+        newest = ckpt.latest_iteration(args.save)
+    except ckpt.CheckpointError as e:
+        raise SystemExit(f"--save: {e}") from None
+    if newest is not None and newest > start:
+        raise SystemExit(f"--save {args.save} holds a checkpoint of iteration {newest}, newer than this run's "
+                         f"start (iteration {start}); its saves would move {ckpt.MARKER} back. Resume with "
+                         f"--load {args.save}, pick another --save, or pass --overwrite-checkpoints")
+
+
 def main(argv: list[str] | None = None) -> dict | None:
-    args = parse_args(argv)
+    args = parse_args(argv)  # checks every input path (data, tokenizer, --load, --model-config) first
+    if not args.dry_run:
+        check_no_rollback(args, planned_start_iteration(args))
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     try:
         layout = plan_layout(args, world)
