@@ -36,7 +36,9 @@ setup(
         "pillow>=10",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "pycocoevalcap>=1.2"],
+        # tools/evaluate.py's CIDEr (pycocoevalcap's scorer; its PTB tokenizer uses Java when present).
+        "eval": ["pycocoevalcap>=1.2"],
         # GPU clusters: Transformer Engine fused kernels and DALI GPU image decode (apex is used if present).
         "gpu": ["transformer-engine[pytorch]>=1.9", "nvidia-dali-cuda120>=1.30"],
         "dali": ["nvidia-dali-cuda120>=1.30"],

@@ -158,7 +158,8 @@ train stage3 STAGE3 --load "$CKPT/stage2" --load-weights-only
 run convert "$PY" tools/convert_checkpoint.py mcore-to-hf --load "$CKPT/stage3" --out "$WORK/hf"
 OMP_NUM_THREADS=2 run evaluate "$PY" tools/evaluate.py --hf-dir "$WORK/hf" --tokenizer-type sentencepiece \
   --tokenizer-model "$TOK" --data "$DATA/heldout.jsonl" --output "$WORK/eval.json" \
-  --caption-prompt "Generate the caption in English:" --max-new-tokens 16 --micro-batch-size 100
+  --caption-prompt "Generate the caption in English:" --caption-metric synthetic --max-new-tokens 16 \
+  --micro-batch-size 100
 
 # ------------------------------------------------------------------------------------------- 4. summary
 echo "total $((SECONDS - demo_start))" >> "$WORK/times.txt"

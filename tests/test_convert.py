@@ -127,3 +127,82 @@ def test_openclip_import_mapping():
     wrong = dict({k: tuple(t.shape) for k, t in visual.items()}, **{"visual.positional_embedding": (256, 32)})
     with pytest.raises(HFCheckpointError, match="positional_embedding"):
         check_openclip(wrong, cfg, "clip.bin")
+
+
+# ------------------------------------------------------------------ the export loads with the release's code
+# The released config.json, rule by rule (/work/shared/reference/qwen-vl.md, 1.6): sizes from the model,
+# every other field with the release's value, auto_map into the official remote code on the Hub.
+RELEASE_FIXED = {
+    "architectures": ["QWenLMHeadModel"], "model_type": "qwen", "attn_dropout_prob": 0.0, "emb_dropout_prob": 0.0,
+    "bf16": False, "fp16": False, "fp32": False, "initializer_range": 0.02, "onnx_safe": None,
+    "scale_attn_weights": True, "tokenizer_type": "QWenTokenizer", "use_cache": True, "use_dynamic_ntk": True,
+    "use_flash_attn": False, "use_logn_attn": True, "no_bias": True, "rotary_pct": 1.0, "tie_word_embeddings": False,
+}
+RELEASE_7B_SIZES = {
+    "hidden_size": 4096, "intermediate_size": 22016, "kv_channels": 128, "layer_norm_epsilon": 1e-6,
+    "num_attention_heads": 32, "num_hidden_layers": 32, "max_position_embeddings": 8192, "seq_length": 2048,
+    "rotary_emb_base": 10000, "vocab_size": 151936,
+    "visual": {"heads": 16, "image_size": 448, "image_start_id": 151857, "layers": 48, "mlp_ratio": 4.9231,
+               "output_dim": 4096, "patch_size": 14, "width": 1664},
+}
+
+
+def release_auto_map(repo):
+    return {"AutoConfig": f"{repo}--configuration_qwen.QWenConfig",
+            "AutoModelForCausalLM": f"{repo}--modeling_qwen.QWenLMHeadModel"}
+
+
+def test_7b_export_config_is_the_released_config(tmp_path):
+    from qwenvl_megatron.convert.hf_checkpoint import write_export_metadata
+    from qwenvl_megatron.models.config import qwen_vl_7b
+
+    write_export_metadata(str(tmp_path), qwen_vl_7b(), torch.bfloat16)
+    config = json.loads((tmp_path / "config.json").read_text())
+    want = {**RELEASE_FIXED, **RELEASE_7B_SIZES, "torch_dtype": "bfloat16", "auto_map": release_auto_map("Qwen/Qwen-VL")}
+    assert sorted(config) == sorted(want)  # the field set: nothing missing, nothing extra
+    for field, value in want.items():  # rule by rule, so a failure names the field
+        assert config[field] == value, field
+        assert type(config[field]) is type(value), field  # 0.0 stays a float, 10000 an int, null stays null
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    assert gen == {"chat_format": "raw", "do_sample": True, "eos_token_id": 151643, "pad_token_id": 151643,
+                   "max_new_tokens": 512, "max_window_size": 6144, "top_k": 0, "top_p": 0.5}
+    assert not (tmp_path / "tokenizer_config.json").exists()  # no tokenizer given
+    assert QwenVLConfig.from_hf_config(config) == qwen_vl_7b()
+
+
+def test_export_of_a_small_model_with_chat_code_and_tokenizer(hf_state, tmp_path):
+    cfg = QwenVLConfig.from_hf_config(CFG)
+    vocab = tmp_path / "my_vocab.tiktoken"
+    vocab.write_text("IQ== 0\n")
+    out = tmp_path / "hf"
+    save_hf_dir(str(out), hf_state, cfg, tokenizer_file=str(vocab), code_repo="Qwen/Qwen-VL-Chat")
+    config = json.loads((out / "config.json").read_text())
+    assert sorted(config) == sorted([*RELEASE_FIXED, *RELEASE_7B_SIZES, "torch_dtype", "auto_map"])
+    for field, value in RELEASE_FIXED.items():
+        assert config[field] == value, field
+    for field in RELEASE_7B_SIZES:  # sizes are the model's
+        assert config[field] == CFG[field], field
+    assert config["torch_dtype"] == "float32"
+    assert config["auto_map"] == release_auto_map("Qwen/Qwen-VL-Chat")
+    assert (out / "qwen.tiktoken").read_text() == "IQ== 0\n"  # the name the remote tokenizer opens
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {
+        "model_max_length": 512, "tokenizer_class": "QWenTokenizer",
+        "auto_map": {"AutoTokenizer": ["Qwen/Qwen-VL-Chat--tokenization_qwen.QWenTokenizer", None]}}
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["chat_format"] == "chatml" and gen["top_p"] == 0.3 and gen["eos_token_id"] == 151643
+    # the converter reads its own export back
+    read_cfg, _ = validate_hf_dir(str(out))
+    assert read_cfg == cfg
+
+
+@pytest.mark.parametrize("field,value", [("rotary_pct", 0.5), ("tie_word_embeddings", True),
+                                         ("attn_dropout_prob", 0.1), ("no_bias", False)])
+def test_config_fields_the_network_cannot_honour_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value!r} is not supported"):
+        QwenVLConfig.from_hf_config(dict(CFG, **{field: value}))
+
+
+def test_bad_code_repo_is_refused(tmp_path):
+    from qwenvl_megatron.convert.hf_checkpoint import write_export_metadata
+    with pytest.raises(HFCheckpointError, match="not a Hub repository"):
+        write_export_metadata(str(tmp_path), QwenVLConfig.from_hf_config(CFG), code_repo="Qwen-VL")

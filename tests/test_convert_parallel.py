@@ -115,7 +115,8 @@ def test_round_trip_tp2pp2_is_bit_exact(work):
     assert_bitwise_equal(read_hf_dir(f"{work['dir']}/hf_back"), work["hf"])
     with open(f"{work['dir']}/hf_back/config.json") as f:
         config = json.load(f)
-    assert {k: v for k, v in config.items() if k != "torch_dtype"} == CFG and config["torch_dtype"] == "float32"
+    assert {k: config[k] for k in CFG} == CFG and config["torch_dtype"] == "float32"  # the rest: test_convert.py
+    assert config["auto_map"]["AutoModelForCausalLM"] == "Qwen/Qwen-VL--modeling_qwen.QWenLMHeadModel"
 
 
 def test_export_on_one_rank_reshards_bit_exact(work, tmp_path):
@@ -123,11 +124,18 @@ def test_export_on_one_rank_reshards_bit_exact(work, tmp_path):
     vocab.write_text("dummy\n")
     out = tmp_path / "hf_tp1"
     run = subprocess.run([PY, "tools/convert_checkpoint.py", "mcore-to-hf", "--load", f"{work['dir']}/m",
-                          "--out", str(out), "--tokenizer-file", str(vocab), "--max-shard-size-gb", "0.0002"],
+                          "--out", str(out), "--tokenizer-file", str(vocab), "--max-shard-size-gb", "0.0002",
+                          "--code-repo", "Qwen/Qwen-VL-Chat"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert_bitwise_equal(read_hf_dir(str(out)), work["hf"])
-    assert (out / "vocab.tiktoken").read_text() == "dummy\n"
+    assert (out / "qwen.tiktoken").read_text() == "dummy\n"
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "Qwen/Qwen-VL-Chat--configuration_qwen.QWenConfig",
+                                  "AutoModelForCausalLM": "Qwen/Qwen-VL-Chat--modeling_qwen.QWenLMHeadModel"}
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_cfg["auto_map"]["AutoTokenizer"] == ["Qwen/Qwen-VL-Chat--tokenization_qwen.QWenTokenizer", None]
+    assert json.loads((out / "generation_config.json").read_text())["chat_format"] == "chatml"
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
 

@@ -3,6 +3,7 @@
 
   hf-to-mcore  --hf-dir H --out M --tp T --pp P [--dtype fp32|bf16|fp16]
   mcore-to-hf  --load M --out H [--tokenizer-file qwen.tiktoken] [--dtype ...] [--tp T --pp P]
+               [--code-repo Qwen/Qwen-VL] [--generation-config base|chat]
   import-init  --qwen7b-dir Q --openclip CKPT --out M --tp T --pp P [--config qwen_vl_config.json]
                [--image-size 224] [--dtype ...]
 
@@ -39,7 +40,12 @@ def parse_args(argv):
     s = sub.add_parser("mcore-to-hf", help="Megatron checkpoint (any layout) -> HF directory")
     s.add_argument("--load", required=True, help="save directory or iter_* directory")
     s.add_argument("--out", required=True)
-    s.add_argument("--tokenizer-file", default=None, help="copied into the HF directory (qwen.tiktoken)")
+    s.add_argument("--tokenizer-file", default=None,
+                   help="qwen.tiktoken (written with tokenizer_config.json) or a SentencePiece .model")
+    s.add_argument("--code-repo", default="Qwen/Qwen-VL",
+                   help="Hub repository whose remote code config.json's auto_map names (e.g. Qwen/Qwen-VL-Chat)")
+    s.add_argument("--generation-config", choices=("base", "chat"), default=None,
+                   help="release whose generation_config.json to write (default: chat for a *-Chat --code-repo)")
     s.add_argument("--max-shard-size-gb", type=float, default=5.0)
     layout(s, None)
     s = sub.add_parser("import-init", help="stage-1 init: Qwen-7B LLM + OpenCLIP ViT-bigG/14 + fresh adapter")
@@ -68,6 +74,8 @@ def preflight(args):
         read_model_config(args.load)
         if args.tokenizer_file and not os.path.isfile(args.tokenizer_file):
             raise HFCheckpointError(f"--tokenizer-file {args.tokenizer_file} does not exist")
+        from qwenvl_megatron.convert.hf_checkpoint import remote_ref
+        remote_ref(args.code_repo, "")
     else:
         from qwenvl_megatron.convert.conversion import import_config, validate_import_inputs
         cfg = import_config(args.qwen7b_dir, args.config, args.image_size)
@@ -84,7 +92,7 @@ def run(args):
         path = conversion.hf_to_mcore(args.hf_dir, args.out, args.dtype, show)
     elif args.command == "mcore-to-hf":
         conversion.mcore_to_hf(args.load, args.out, args.dtype, args.tokenizer_file,
-                               int(args.max_shard_size_gb * 2 ** 30), show)
+                               int(args.max_shard_size_gb * 2 ** 30), show, args.code_repo, args.generation_config)
         path = args.out
     else:
         cfg = conversion.import_config(args.qwen7b_dir, args.config, args.image_size)

@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 from ..models.config import QwenVLConfig, qwen_vl_7b
 from ..models.parallel import ParallelPlan
 from ..models.qwen_vl import QwenVLModel
-from .hf_checkpoint import (DTYPES, HFCheckpointError, HFCheckpointReader, HFShardWriter, check_against_config,
+from .hf_checkpoint import (DEFAULT_CODE_REPO, DTYPES, HFCheckpointError, HFCheckpointReader, HFShardWriter, check_against_config,
                             finalize_hf_dir, read_hf_config)
 from .hf_layout import hf_key_shapes, hf_keys, hf_sources, hf_to_model, model_to_hf
 from .openclip import check_openclip, imported_openclip_keys, openclip_to_model, read_openclip_visual
@@ -105,8 +105,10 @@ def load_mcore_stage(load: str) -> tuple[QwenVLConfig, QwenVLModel]:
 
 
 def mcore_to_hf(load: str, out_dir: str, dtype: str | None = None, tokenizer_file: str | None = None,
-                max_shard_bytes: int = 5 * 2 ** 30, progress: Callable | None = None) -> dict | None:
-    """Megatron checkpoint -> HF directory (config.json, safetensors shards + index, tokenizer file).
+                max_shard_bytes: int = 5 * 2 ** 30, progress: Callable | None = None,
+                code_repo: str = DEFAULT_CODE_REPO, generation: str | None = None) -> dict | None:
+    """Megatron checkpoint -> HF directory (config.json with the release's fields and an `auto_map` into
+    `code_repo`, generation_config.json, safetensors shards + index, tokenizer file and config).
     Returns the index on global rank 0."""
     cfg, model = load_mcore_stage(load)
     out_dtype = DTYPES[dtype] if dtype else next(model.parameters()).dtype
@@ -124,7 +126,7 @@ def mcore_to_hf(load: str, out_dir: str, dtype: str | None = None, tokenizer_fil
         dist.barrier()
     index = None
     if _rank0():
-        index = finalize_hf_dir(out_dir, cfg, out_dtype, tokenizer_file)
+        index = finalize_hf_dir(out_dir, cfg, out_dtype, tokenizer_file, code_repo, generation)
         missing = sorted(set(hf_keys(cfg)) - set(index["weight_map"]))
         if missing:
             raise HFCheckpointError(f"export to {out_dir} lacks {len(missing)} keys, e.g. {missing[:5]}")

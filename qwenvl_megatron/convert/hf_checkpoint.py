@@ -215,10 +215,86 @@ class HFShardWriter:
         self._pending, self._bytes = {}, 0
 
 
+# ------------------------------------------------------------------------------ what makes an export load
+DEFAULT_CODE_REPO = "Qwen/Qwen-VL"
+QWEN_VOCAB_NAME = "qwen.tiktoken"  # the file name the remote QWenTokenizer opens
+QWEN_EOD_ID = 151643
+# generation_config.json of the releases (reference 1.6); eos/pad follow the tokenizer when it is not Qwen's.
+GENERATION_CONFIGS = {
+    "base": {"chat_format": "raw", "do_sample": True, "eos_token_id": QWEN_EOD_ID, "max_new_tokens": 512,
+             "max_window_size": 6144, "pad_token_id": QWEN_EOD_ID, "top_k": 0, "top_p": 0.5},
+    "chat": {"chat_format": "chatml", "do_sample": True, "eos_token_id": QWEN_EOD_ID, "max_new_tokens": 512,
+             "max_window_size": 6144, "pad_token_id": QWEN_EOD_ID, "top_k": 0, "top_p": 0.3},
+}
+
+
+def generation_kind(code_repo: str) -> str:
+    """`chat` for a chat release's code (Qwen/Qwen-VL-Chat), else `base`."""
+    return "chat" if code_repo.rstrip("/").lower().endswith("-chat") else "base"
+
+
+def remote_ref(code_repo: str, ref: str) -> str:
+    """`Qwen/Qwen-VL--modeling_qwen.QWenLMHeadModel`: transformers loads the class from that Hub repository."""
+    if code_repo.count("/") != 1 or not all(code_repo.split("/")):
+        raise HFCheckpointError(f"--code-repo {code_repo!r} is not a Hub repository name like Qwen/Qwen-VL")
+    return f"{code_repo}--{ref}"
+
+
+def export_config(cfg: QwenVLConfig, dtype: torch.dtype | None = None,
+                  code_repo: str = DEFAULT_CODE_REPO) -> dict:
+    """config.json of an export: the model's fields, the release's other fields, `torch_dtype` and an
+    `auto_map` naming the official remote code (no code is copied)."""
+    config = cfg.to_hf_config()
+    if dtype is not None:
+        config["torch_dtype"] = _DTYPE_NAMES[dtype]
+    config["auto_map"] = {"AutoConfig": remote_ref(code_repo, "configuration_qwen.QWenConfig"),
+                          "AutoModelForCausalLM": remote_ref(code_repo, "modeling_qwen.QWenLMHeadModel")}
+    return config
+
+
+def tokenizer_config(cfg: QwenVLConfig, code_repo: str = DEFAULT_CODE_REPO) -> dict:
+    return {"model_max_length": cfg.llm.max_position_embeddings, "tokenizer_class": "QWenTokenizer",
+            "auto_map": {"AutoTokenizer": [remote_ref(code_repo, "tokenization_qwen.QWenTokenizer"), None]}}
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def write_export_metadata(out_dir: str, cfg: QwenVLConfig, dtype: torch.dtype | None = None,
+                          tokenizer_file: str | None = None, code_repo: str = DEFAULT_CODE_REPO,
+                          generation: str | None = None) -> None:
+    """config.json, generation_config.json and, with a tokenizer file, the file itself: a Qwen vocabulary
+    (`*.tiktoken`) is written as qwen.tiktoken next to tokenizer_config.json (the remote QWenTokenizer reads
+    both); any other file is copied as is, and for a SentencePiece model (`*.model`) generation_config.json
+    takes its end-of-text id. `generation` is `base` or `chat` (default: from `code_repo`)."""
+    kind = generation or generation_kind(code_repo)
+    if kind not in GENERATION_CONFIGS:
+        raise HFCheckpointError(f"generation config {kind!r} unknown; choose one of {sorted(GENERATION_CONFIGS)}")
+    gen = dict(GENERATION_CONFIGS[kind])
+    _write_json(os.path.join(out_dir, "config.json"), export_config(cfg, dtype, code_repo))
+    if tokenizer_file:
+        if not os.path.isfile(tokenizer_file):
+            raise HFCheckpointError(f"--tokenizer-file {tokenizer_file} does not exist")
+        if tokenizer_file.endswith(".tiktoken"):
+            shutil.copy(tokenizer_file, os.path.join(out_dir, QWEN_VOCAB_NAME))
+            _write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config(cfg, code_repo))
+        else:
+            shutil.copy(tokenizer_file, os.path.join(out_dir, os.path.basename(tokenizer_file)))
+            if tokenizer_file.endswith(".model"):
+                from ..data.tokenizer import build_tokenizer
+                eod = build_tokenizer("sentencepiece", tokenizer_file).eod_id
+                gen.update(eos_token_id=eod, pad_token_id=eod)
+    _write_json(os.path.join(out_dir, "generation_config.json"), gen)
+
+
 def finalize_hf_dir(out_dir: str, cfg: QwenVLConfig, dtype: torch.dtype | None = None,
-                    tokenizer_file: str | None = None) -> dict:
-    """Rename the parts written by HFShardWriters to model-0000i-of-0000n.safetensors, write the index,
-    config.json and (optionally) the tokenizer file. Returns the index."""
+                    tokenizer_file: str | None = None, code_repo: str = DEFAULT_CODE_REPO,
+                    generation: str | None = None) -> dict:
+    """Rename the parts written by HFShardWriters to model-0000i-of-0000n.safetensors, write the index and
+    the export's metadata (`write_export_metadata`). Returns the index."""
     from safetensors import safe_open
     parts = sorted(f for f in os.listdir(out_dir) if f.startswith(".part") and f.endswith(".safetensors"))
     if not parts:
@@ -243,15 +319,7 @@ def finalize_hf_dir(out_dir: str, cfg: QwenVLConfig, dtype: torch.dtype | None =
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     with open(os.path.join(out_dir, SAFE_INDEX), "w") as f:
         json.dump(index, f, indent=2)
-    config = cfg.to_hf_config()
-    if dtype is not None:
-        config["torch_dtype"] = _DTYPE_NAMES[dtype]
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    if tokenizer_file:
-        if not os.path.isfile(tokenizer_file):
-            raise HFCheckpointError(f"--tokenizer-file {tokenizer_file} does not exist")
-        shutil.copy(tokenizer_file, os.path.join(out_dir, os.path.basename(tokenizer_file)))
+    write_export_metadata(out_dir, cfg, dtype, tokenizer_file, code_repo, generation)
     return index
 
 
@@ -261,11 +329,12 @@ def _st_dtype(name: str) -> torch.dtype:
 
 
 def save_hf_dir(out_dir: str, hf_state: dict[str, torch.Tensor], cfg: QwenVLConfig,
-                max_shard_bytes: int = 5 * 2 ** 30, tokenizer_file: str | None = None) -> dict:
+                max_shard_bytes: int = 5 * 2 ** 30, tokenizer_file: str | None = None,
+                code_repo: str = DEFAULT_CODE_REPO) -> dict:
     """A whole HF state dict -> an HF directory (single process helper, used by tests and small models)."""
     writer = HFShardWriter(out_dir, 0, max_shard_bytes)
     for k, t in hf_state.items():
         writer.add(k, t)
     writer.flush()
     dtypes = {t.dtype for t in hf_state.values()}
-    return finalize_hf_dir(out_dir, cfg, dtypes.pop() if len(dtypes) == 1 else None, tokenizer_file)
+    return finalize_hf_dir(out_dir, cfg, dtypes.pop() if len(dtypes) == 1 else None, tokenizer_file, code_repo)

@@ -63,6 +63,22 @@ class AdapterConfig:
         return math.isqrt(self.num_queries)
 
 
+# The released config.json's fields that describe no size (reference 1.6). The network here has no dropout
+# (0.0), scales attention scores by 1/sqrt(head dim) and uses plain RoPE; the HF remote code reads the rest:
+# dynamic NTK and log-n scaling act only at inference past `seq_length` tokens, as in the release, and no
+# precision flag is set (the remote code picks bf16 on CUDA, fp32 elsewhere). Written out explicitly because
+# the remote code's defaults differ from the release for some of them.
+HF_RELEASE_FIELDS = {
+    "attn_dropout_prob": 0.0, "emb_dropout_prob": 0.0, "bf16": False, "fp16": False, "fp32": False,
+    "initializer_range": 0.02, "onnx_safe": None, "scale_attn_weights": True, "tokenizer_type": "QWenTokenizer",
+    "use_cache": True, "use_dynamic_ntk": True, "use_flash_attn": False, "use_logn_attn": True,
+}
+
+# What from_hf_config accepts only with the release's value (anything else would be silently ignored).
+_BUILT_AS = {"rotary_pct": 1.0, "no_bias": True, "tie_word_embeddings": False, "scale_attn_weights": True,
+             "attn_dropout_prob": 0.0, "emb_dropout_prob": 0.0}
+
+
 @dataclass
 class QwenVLConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -115,12 +131,16 @@ class QwenVLConfig:
             "num_attention_heads": l.num_attention_heads, "num_hidden_layers": l.num_layers,
             "max_position_embeddings": l.max_position_embeddings, "seq_length": l.seq_length,
             "no_bias": True, "rotary_emb_base": l.rotary_base, "rotary_pct": 1.0,
-            "vocab_size": l.vocab_size, "tie_word_embeddings": False, "visual": visual,
+            "vocab_size": l.vocab_size, "tie_word_embeddings": False,
+            **HF_RELEASE_FIELDS, "visual": visual,
         }
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "QwenVLConfig":
         vis = hf["visual"]
+        for key, built in _BUILT_AS.items():  # fields that describe the network but are not free here
+            if key in hf and hf[key] != built:
+                raise ValueError(f"{key}={hf[key]!r} is not supported: this network is built with {key}={built!r}")
         if vis["output_dim"] != hf["hidden_size"]:
             raise ValueError(f"visual.output_dim={vis['output_dim']} must equal hidden_size={hf['hidden_size']}")
         return cls(

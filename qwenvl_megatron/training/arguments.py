@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=1000)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir")
+    g.add_argument("--wandb-project", help="log the TensorBoard scalars to this Weights & Biases project too "
+                                           "(needs the optional `wandb` package)")
+    g.add_argument("--wandb-exp-name", default="", help="W&B run name")
+    g.add_argument("--wandb-save-dir", default="", help="W&B local files (default: <save>/wandb)")
     g.add_argument("--peak-tflops", type=float, default=989.0,
                    help="per-device peak for MFU (989 = H100 SXM dense bf16)")
     g.add_argument("--exit-interval", type=int,

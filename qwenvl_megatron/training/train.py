@@ -119,15 +119,62 @@ def current_lr(optimizer) -> float:
     return float(groups[0]["lr"]) if groups else 0.0
 
 
-def _tensorboard(args):
-    if not args.tensorboard_dir or dist.get_rank() != 0:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        return SummaryWriter(args.tensorboard_dir)
-    except Exception as e:  # noqa: BLE001 - logging must not stop training
-        log(f"warning: TensorBoard unavailable ({type(e).__name__}: {e}); logging to stdout only")
-        return None
+class _TensorBoardSink:
+    def __init__(self, writer):
+        self.writer = writer
+
+    def log(self, scalars: dict, step: int) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandbSink:
+    """Megatron-LM's W&B logging: one run per job on the logging rank, the same scalars and steps as
+    TensorBoard."""
+
+    def __init__(self, args, record: dict):
+        import wandb
+
+        save_dir = args.wandb_save_dir or (os.path.join(args.save, "wandb") if args.save else None)
+        if save_dir:
+            os.makedirs(save_dir, exist_ok=True)
+        self.wandb = wandb
+        wandb.init(project=args.wandb_project, name=args.wandb_exp_name or None, dir=save_dir, config=record)
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.wandb.log(dict(scalars), step=step)
+
+    def close(self) -> None:
+        self.wandb.finish()
+
+
+def check_wandb(args) -> None:
+    """--wandb-project without the optional package: a one-line error before anything is built."""
+    if getattr(args, "wandb_project", None):
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise SystemExit("--wandb-project needs the `wandb` package, which is not installed: "
+                             "pip install wandb (or drop --wandb-project)")
+
+
+def _scalar_sinks(args, record: dict) -> list:
+    """Where the log step's scalars go on rank 0: TensorBoard (--tensorboard-dir), W&B (--wandb-project)."""
+    if dist.get_rank() != 0:
+        return []
+    sinks = []
+    if args.tensorboard_dir:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            sinks.append(_TensorBoardSink(SummaryWriter(args.tensorboard_dir)))
+        except Exception as e:  # noqa: BLE001 - logging must not stop training
+            log(f"warning: TensorBoard unavailable ({type(e).__name__}: {e}); logging to stdout only")
+    if args.wandb_project:
+        sinks.append(_WandbSink(args, record))
+    return sinks
 
 
 def train(args, layout: Layout) -> dict:
@@ -161,9 +208,9 @@ def train(args, layout: Layout) -> dict:
     loader = build_loader(args, layout, device)
     batches = loader.iterate(consumed, layout.num_microbatches, layout.global_batch_size)
     stop = StopRequest()
-    writer = _tensorboard(args)
     flops_step = flops_per_sample(cfg, layout.seq_length, args.image_size, args.freeze) * layout.global_batch_size
     record = args_record(args)
+    sinks = _scalar_sinks(args, record)
 
     def save(it, done) -> str:
         """Write the checkpoint; the marker stays where it is until `prove` moves it."""
@@ -236,13 +283,13 @@ def train(args, layout: Layout) -> dict:
                 f"tokens/s | {tflops:.3g} TFLOP/s/GPU | MFU {100 * tflops / args.peak_tflops:.3g}% | "
                 f"supervised {supervised_per_s:,.0f} tokens/s | padding {100 * padding:.1f}% | "
                 f"skipped {skipped_total} | elapsed {_hms(now - start)} | ETA {_hms(eta)}")
-            if writer is not None:
-                for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
-                                    ("samples_per_s", window["samples"] / span),
-                                    ("supervised_tokens_per_s", supervised_per_s), ("padding_fraction", padding),
-                                    ("tflops_per_gpu", tflops), ("skipped", skipped_total)):
-                    writer.add_scalar(f"train/{name}", value, iteration)
-                writer.flush()
+            scalars = {f"train/{name}": value for name, value in (
+                ("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
+                ("samples_per_s", window["samples"] / span),
+                ("supervised_tokens_per_s", supervised_per_s), ("padding_fraction", padding),
+                ("tflops_per_gpu", tflops), ("skipped", skipped_total))}
+            for sink in sinks:
+                sink.log(scalars, iteration)
             window_start, window_iters = now, 0
             window = dict.fromkeys(window, 0)
         stopping = stop.agreed(device)
@@ -268,8 +315,8 @@ def train(args, layout: Layout) -> dict:
         if exiting:
             log(f"--exit-interval {args.exit_interval}: exiting at iteration {iteration}")
             break
-    if writer is not None:
-        writer.close()
+    for sink in sinks:
+        sink.close()
     return {"history": history, "iteration": iteration, "consumed_samples": consumed, "skipped": skipped_total}
 
 
@@ -309,6 +356,7 @@ def check_no_rollback(args, start: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)  # checks every input path (data, tokenizer, --load, --model-config) first
+    check_wandb(args)
     if not args.dry_run:
         check_no_rollback(args, planned_start_iteration(args))
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
