@@ -150,9 +150,11 @@ def test_packed_microbatch_layout(dataset):
     assert "position_ids" not in _loader(dataset, 4, 0, 1, "causal").global_batch(0, 1)[0]
 
 
-def test_flags():
+def test_flags(tmp_path):
     from qwenvl_megatron.training.arguments import parse_args
-    base = ["--model", "tiny", "--train-iters", "4", "--global-batch-size", "8", "--data-path", "x"]
+    for ext in (".bin", ".idx"):  # the flags are checked after the input paths
+        (tmp_path / f"x{ext}").touch()
+    base = ["--model", "tiny", "--train-iters", "4", "--global-batch-size", "8", "--data-path", str(tmp_path / "x")]
     with pytest.raises(SystemExit, match="need --pack-sequences"):
         parse_args(base + ["--pack-same-task"])
     with pytest.raises(SystemExit, match="not implemented"):
