@@ -196,6 +196,9 @@ def _tar_item(path: str, sample: dict, decode) -> SourceItem:
 def _message(e: Exception) -> str:
     """Our own mapping errors as written; a library's error with its type (first argument only: webdataset
     appends stream objects to ``args``), at most 300 characters."""
+    if type(e).__name__ == "DecodingError" and hasattr(e, "k"):  # webdataset's decoder: name the part
+        cause = e.__cause__
+        return f"part '{e.k}' cannot be decoded: {type(cause).__name__}: {cause}"[:300]
     text = str(e.args[0]) if e.args else ""
     return (text if isinstance(e, PartError) else f"{type(e).__name__}: {text}")[:300]
 
