@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
 
@@ -164,7 +165,13 @@ def test_energon_dataset_errors_stop_the_run(tmp_path, energon_datasets):
     (tmp_path / "plain_dir").mkdir()
     with pytest.raises(SystemExit, match=r"plain_dir: a directory must be an energon dataset \(with .nv-meta/"):
         tool.preprocess([str(tmp_path / "plain_dir")], "qwen", VOCAB, str(tmp_path / "b"), log=io.StringIO())
-    assert sorted(os.listdir(tmp_path)) == ["plain_dir"]
+    crude = tmp_path / "crude"
+    shutil.copytree(root / "vqa", crude)
+    (crude / ".nv-meta" / "dataset.yaml").write_text("__module__: megatron.energon\n__class__: CrudeWebdataset\n")
+    with pytest.raises(SystemExit, match=r"crude: energon sample type CrudeSample is not supported; expected one of "
+                                         r"\['CaptioningSample', 'VQASample'\]"):
+        tool.preprocess([str(crude)], "qwen", VOCAB, str(tmp_path / "c"), log=io.StringIO())
+    assert sorted(os.listdir(tmp_path)) == ["crude", "plain_dir"]
 
 
 def test_plain_webdataset_shards(tmp_path):
