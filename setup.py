@@ -36,7 +36,9 @@ setup(
         "pillow>=10",
     ],
     extras_require={
-        "test": ["pytest>=7", "pycocoevalcap>=1.2"],
+        "test": ["pytest>=7", "pycocoevalcap>=1.2", "webdataset>=0.2.86", "megatron-energon>=7.4,<8"],
+        # tools/preprocess_data.py: WebDataset tar shards (img2dataset's output) and energon datasets.
+        "data": ["webdataset>=0.2.86", "megatron-energon>=7.4,<8"],
         # tools/evaluate.py's CIDEr (pycocoevalcap's scorer; its PTB tokenizer uses Java when present).
         "eval": ["pycocoevalcap>=1.2"],
         # GPU clusters: Transformer Engine fused kernels and DALI GPU image decode (apex is used if present).

@@ -186,3 +186,30 @@ def test_a_failed_run_leaves_no_temporary_files(tmp_path):
         tool.preprocess([str(tmp_path / "ok.jsonl"), str(tmp_path / "missing.jsonl")], "qwen", VOCAB,
                         str(tmp_path / "out"), log=io.StringIO())
     assert sorted(os.listdir(tmp_path)) == ["ok.jsonl"]
+
+
+def test_image_urls_are_rejected_naming_the_field(tmp_path):
+    """No downloading during preprocessing: an image given by URL (http, https, s3, gs) is a reject that names
+    the field; the local record next to them is written."""
+    tool = _load_tool()
+    (tmp_path / "ok.png").write_bytes(_png("red"))
+    urls = ["http://example.com/a.jpg", "https://example.com/b.png", "s3://bucket/c.jpg", "GS://bucket/d.jpg"]
+    records = [{"task": "caption", "image": u, "caption": "remote"} for u in urls]
+    records += [{"task": "vqa", "image": "ok.png", "question": "Colour?", "answer": "red"},
+                {"conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello"},
+                                   {"from": "user", "value": "<img> https://example.com/e.jpg </img>\nWhat?"},
+                                   {"from": "assistant", "value": "A cat."}]}]
+    (tmp_path / "urls.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    summary = tool.preprocess([str(tmp_path / "urls.jsonl")], "qwen", VOCAB, str(tmp_path / "out"), seq_length=64,
+                              num_image_tokens=N_IMG, log=io.StringIO())
+    assert summary["records"] == 6 and summary["written"] == 1 and summary["rejected"] == 5
+    tokens, _, images = IndexedDataset(str(tmp_path / "out"))[0]
+    np.testing.assert_array_equal(tokens, encode_record(records[4], build_tokenizer("qwen", VOCAB), N_IMG).tokens)
+    assert images == [_png("red")]
+    rejects = [json.loads(line) for line in open(str(tmp_path / "out") + ".rejects.jsonl")]
+    assert [r["line"] for r in rejects] == [1, 2, 3, 4, 6]
+    for r, url in zip(rejects, urls):
+        assert f"urls.jsonl:{r['line']}: field 'image' (task 'caption') names an image by URL ('{url}')" in r["reason"]
+        assert "not downloaded" in r["reason"] and "img2dataset" in r["reason"]
+    assert "field 'conversations[2].value' (task 'chat') names an image by URL ('https://example.com/e.jpg')" \
+        in rejects[4]["reason"]

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Raw records -> one multimodal indexed dataset (OUT.bin / OUT.idx) plus OUT.rejects.jsonl.
 
-Inputs: ``.jsonl`` (one record per line), ``.json`` (the release's fine-tune list of ChatML objects) and
-webdataset-style ``.tar`` shards (per key an image ``.jpg/.jpeg/.png/.webp`` and a ``.txt`` caption or a
-``.json`` with a ``caption``; each key becomes a caption record). Records are encoded by
+Inputs: ``.jsonl`` (one record per line), ``.json`` (the release's fine-tune list of ChatML objects),
+WebDataset ``.tar`` shards (per key an image ``.jpg/.jpeg/.png/.webp`` and a ``.txt`` caption or a ``.json``
+with a ``caption``, or ``question`` + ``answer(s)``) and energon dataset directories (``.nv-meta/`` from
+``energon prepare``; CaptioningSample / VQASample), the last two read by ``webdataset`` / ``megatron-energon``
+(``qwenvl_megatron/data/webdataset_source.py``). Records are encoded by
 ``qwenvl_megatron.data.formats.encode_record``; every image is decoded with Pillow so a missing or corrupt
 image rejects its record instead of crashing training later.
 
-The input is cut into fixed chunks (``--chunk-size`` records, or one tar shard) whatever the worker count;
+The input is cut into fixed chunks (``--chunk-size`` records, or one tar / energon shard) whatever the worker count;
 each chunk becomes its own shard dataset and the shards are merged in chunk order, so ``--workers 1`` and
 ``--workers 8`` write byte-identical files.
 
@@ -25,7 +27,6 @@ import os
 import re
 import shutil
 import sys
-import tarfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,8 +38,10 @@ from qwenvl_megatron.data.formats import (MalformedRecordError, RecordError, dec
                                           read_json_list, resolve_image_path)
 from qwenvl_megatron.data.indexed import IndexedDataset, IndexedDatasetWriter, merge_datasets
 from qwenvl_megatron.data.tokenizer import build_tokenizer
+from qwenvl_megatron.data.webdataset_source import (ENERGON_META, MissingDependencyError, SourceError,
+                                                    energon_shards, is_energon_dataset, iter_energon_shard,
+                                                    iter_tar_shard, require_webdataset)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
@@ -61,13 +64,29 @@ class ChunkResult:
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def iter_chunks(inputs: list[str], chunk_size: int) -> Iterator[Chunk]:
+def iter_chunks(inputs: list[str], chunk_size: int, split_part: str = "train") -> Iterator[Chunk]:
     """Cut the inputs into chunks in a fixed order (input order, then file order)."""
     chunk_id = 0
     for path in inputs:
+        if os.path.isdir(path):
+            if not is_energon_dataset(path):
+                raise SystemExit(f"preprocess_data: {path}: a directory must be an energon dataset (with "
+                                 f"{ENERGON_META}/ from `energon prepare`); pass plain WebDataset shards as .tar files")
+            try:
+                shards = energon_shards(path, split_part)
+            except (MissingDependencyError, SourceError) as e:
+                raise SystemExit(f"preprocess_data: {e}") from None
+            for shard in shards:  # one chunk per shard, in the order of the split
+                yield Chunk(chunk_id, "energon", path, [shard])
+                chunk_id += 1
+            continue
         if not os.path.isfile(path):
             raise SystemExit(f"preprocess_data: input file not found: {path}")
         if path.endswith(".tar"):
+            try:
+                require_webdataset(path)
+            except MissingDependencyError as e:
+                raise SystemExit(f"preprocess_data: {e}") from None
             yield Chunk(chunk_id, "tar", path)
             chunk_id += 1
         elif path.endswith(".json"):
@@ -91,46 +110,8 @@ def iter_chunks(inputs: list[str], chunk_size: int) -> Iterator[Chunk]:
                     yield Chunk(chunk_id, "jsonl", path, items)
                     chunk_id += 1
         else:
-            raise SystemExit(f"preprocess_data: {path}: unsupported input type (expected .jsonl, .json or .tar)")
-
-
-def iter_tar_records(path: str) -> Iterator[tuple[str, Any, dict[str, bytes], str | None]]:
-    """Yield ``(key, record, {image name: bytes}, reject reason)`` per webdataset key of a tar shard."""
-    def finish(key, files):
-        images = sorted(n for n in files if n.lower().endswith(IMAGE_EXTENSIONS))
-        if not images:
-            return key, None, {}, f"no image file ({'/'.join(IMAGE_EXTENSIONS)}) for key"
-        caption = None
-        if key + ".txt" in files:
-            caption = files[key + ".txt"].decode("utf-8", errors="replace").strip()
-        elif key + ".json" in files:
-            try:
-                meta = json.loads(files[key + ".json"])
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                return key, None, {}, f"invalid JSON in {key}.json: {e}"
-            caption = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
-        if not isinstance(caption, str) or not caption:
-            return key, None, {}, "no caption (.txt, or .json with a 'caption' field) for key"
-        record = {"task": "caption", "image": images[0], "caption": caption}
-        return key, record, {images[0]: files[images[0]]}, None
-
-    with tarfile.open(path, "r") as tar:
-        key, files = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = os.path.basename(member.name)
-            dot = base.find(".")
-            if dot <= 0:
-                continue
-            member_key = os.path.join(os.path.dirname(member.name), base[:dot])
-            if member_key != key:
-                if key is not None:
-                    yield finish(key, files)
-                key, files = member_key, {}
-            files[member.name] = tar.extractfile(member).read()
-        if key is not None:
-            yield finish(key, files)
+            raise SystemExit(f"preprocess_data: {path}: unsupported input type (expected .jsonl, .json, .tar or "
+                             f"an energon dataset directory)")
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -182,20 +163,24 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     rejects: list[dict] = []
     records = 0
     with IndexedDatasetWriter(prefix) as writer:
-        if chunk.kind == "tar":
+        if chunk.kind in ("tar", "energon"):
+            if chunk.kind == "tar":
+                items = iter_tar_shard(chunk.source)
+            else:
+                items = iter_energon_shard(chunk.source, chunk.items[0], _STATE["split_part"])
             try:
-                for key, record, images, reason in iter_tar_records(chunk.source):
+                for item in items:
                     records += 1
-                    where = f"{chunk.source}:{key}"
+                    where = f"{item.shard}:{item.key}"
                     try:
-                        if reason:
-                            raise RecordError(f"{where}: {reason}")
-                        writer.add(*_encode(record, where, lambda ref, images=images: images[ref]))
+                        if item.reason:
+                            raise RecordError(f"{where}: {item.reason}")
+                        writer.add(*_encode(item.record, where, lambda ref, images=item.images: images[ref]))
                     except RecordError as e:
-                        rejects.append({"source": chunk.source, "key": key, "reason": str(e)})
-            except (tarfile.TarError, OSError) as e:  # a damaged shard: keep what was read, report the rest
-                rejects.append({"source": chunk.source, "key": None,
-                                "reason": f"{chunk.source}: unreadable tar shard after {records} keys: {e}"})
+                        rejects.append({"source": item.shard, "key": item.key, "reason": str(e)})
+            except OSError as e:  # the shard cannot be opened at all
+                shard = chunk.source if chunk.kind == "tar" else os.path.join(chunk.source, chunk.items[0])
+                rejects.append({"source": shard, "key": None, "reason": f"{shard}: cannot read the shard: {e}"})
         else:
             for position, item in chunk.items:
                 records += 1
@@ -229,7 +214,7 @@ def ordered_map(pool, fn, items: Iterator, max_pending: int) -> Iterator:
 def preprocess(inputs: list[str], tokenizer_type: str, tokenizer_model: str, output_prefix: str,
                workers: int = 1, seq_length: int | None = None, num_image_tokens: int = 256,
                too_long: str = "reject", chunk_size: int = 1000, log_interval: int = 10000,
-               log=sys.stderr) -> dict:
+               log=sys.stderr, split_part: str = "train") -> dict:
     """Run the whole pipeline; returns the summary counts."""
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
@@ -243,7 +228,8 @@ def preprocess(inputs: list[str], tokenizer_type: str, tokenizer_model: str, out
     os.makedirs(shard_dir)
     try:
         return _preprocess(inputs, tokenizer_type, tokenizer_model, output_prefix, shard_dir, rejects_path,
-                           workers, seq_length, num_image_tokens, too_long, chunk_size, log_interval, log)
+                           workers, seq_length, num_image_tokens, too_long, chunk_size, log_interval, log,
+                           split_part)
     finally:  # success or failure (a missing input, a bad .json list): no temporary file stays behind
         shutil.rmtree(shard_dir, ignore_errors=True)
         if os.path.exists(rejects_path + ".tmp"):
@@ -251,9 +237,9 @@ def preprocess(inputs: list[str], tokenizer_type: str, tokenizer_model: str, out
 
 
 def _preprocess(inputs, tokenizer_type, tokenizer_model, output_prefix, shard_dir, rejects_path, workers,
-                seq_length, num_image_tokens, too_long, chunk_size, log_interval, log) -> dict:
+                seq_length, num_image_tokens, too_long, chunk_size, log_interval, log, split_part) -> dict:
     options = {"num_image_tokens": num_image_tokens, "seq_length": seq_length, "too_long": too_long,
-               "shard_dir": shard_dir}
+               "shard_dir": shard_dir, "split_part": split_part}
     init_args = (tokenizer_type, tokenizer_model, options)
     t0 = time.time()
     totals = {"records": 0, "written": 0, "rejected": 0}
@@ -274,7 +260,7 @@ def _preprocess(inputs, tokenizer_type, tokenizer_model, output_prefix, shard_di
                     print(f"[preprocess_data] {totals['records']} records, {totals['written']} written, "
                           f"{totals['rejected']} rejected, {rate:.0f} records/s", file=log, flush=True)
                     next_log = (totals["records"] // log_interval + 1) * log_interval
-        chunks = iter_chunks(inputs, chunk_size)
+        chunks = iter_chunks(inputs, chunk_size, split_part)
         if workers == 1:
             _init_worker(*init_args)
             consume(process_chunk(c) for c in chunks)
@@ -296,7 +282,8 @@ def _preprocess(inputs, tokenizer_type, tokenizer_model, output_prefix, shard_di
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--input", nargs="+", required=True, help=".jsonl / .json / .tar files, in order")
+    p.add_argument("--input", nargs="+", required=True,
+                   help=".jsonl / .json / WebDataset .tar files or energon dataset directories, in order")
     p.add_argument("--tokenizer-type", choices=["qwen", "sentencepiece"], required=True)
     p.add_argument("--tokenizer-model", required=True, help="qwen.tiktoken or a SentencePiece .model")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.rejects.jsonl")
@@ -306,13 +293,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--too-long", choices=["reject", "truncate"], default="reject")
     p.add_argument("--chunk-size", type=int, default=1000, help="records per work unit / shard")
     p.add_argument("--log-interval", type=int, default=10000, help="progress line every N records")
+    p.add_argument("--energon-split-part", default="train",
+                   help="split part of energon datasets to read (their .nv-meta/split.yaml)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     preprocess(a.input, a.tokenizer_type, a.tokenizer_model, a.output_prefix, a.workers, a.seq_length,
-               a.num_image_tokens, a.too_long, a.chunk_size, a.log_interval)
+               a.num_image_tokens, a.too_long, a.chunk_size, a.log_interval, split_part=a.energon_split_part)
     return 0
 
 

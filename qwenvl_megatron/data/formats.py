@@ -36,6 +36,7 @@ TEMPLATE_TEXTS = (CAPTION_PROMPT, GROUNDED_CAPTION_PROMPT, OCR_PROMPT, VQA_SUFFI
                   DEFAULT_SYSTEM_MESSAGE, "system\n", "user\n", "assistant\n", "Picture 1: ", "Picture 2: ")
 
 _IMAGE_IN_TEXT = re.compile(r"<img>(.*?)</img>", re.S)
+_IMAGE_URL = re.compile(r"^\s*(https?|s3|gs)://", re.I)  # remote images: fetched before preprocessing, never during
 _PICTURE_ANNOUNCED = re.compile(r"Picture \d+:\s*$")
 _GROUNDING_TAG = re.compile("|".join(re.escape(t) for t in
                                      (REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END)))
@@ -411,6 +412,7 @@ def encode_record(record: dict, tokenizer: Tokenizer, num_image_tokens: int = DE
     builder = _SampleBuilder(tokenizer, num_image_tokens)
     (_encode_chat if task == "chat" else _TASK_ENCODERS[task])(builder, record, where)
     sample = builder.build()
+    _refuse_image_urls(record, task, sample.images, where)
     if max_length is None or len(sample) <= max_length:
         return sample
     what = f"{_describe(record, where)}: {len(sample)} tokens > max_length {max_length}"
@@ -423,6 +425,23 @@ def encode_record(record: dict, tokenizer: Tokenizer, num_image_tokens: int = DE
     if cut.num_loss_tokens == 0:
         raise SampleTooLongError(f"{what}, and truncating would leave no supervised token")
     return cut
+
+
+def _refuse_image_urls(record: dict, task: str, images: list[str], where: str | None) -> None:
+    """An image given as a URL (http, https, s3, gs) is a malformed record naming the field: preprocessing
+    reads local files only (docs/data_formats.md: fetch the images first with img2dataset)."""
+    for reference in images:
+        if not _IMAGE_URL.match(reference):
+            continue
+        name = "image"
+        if task == "chat":
+            k = next((k for k, turn in enumerate(record["conversations"])
+                      if reference in (m.strip() for m in _IMAGE_IN_TEXT.findall(turn["value"]))), None)
+            name = f"conversations[{k}].value" if k is not None else "conversations"
+        raise MalformedRecordError(f"{_describe(record, where)}: field '{name}' (task '{task}') names an image by URL "
+                                   f"({reference.strip()!r:.100}); images are not downloaded during preprocessing: "
+                                   f"fetch them first (img2dataset, docs/data_formats.md) and give local paths "
+                                   f"or the WebDataset shards")
 
 
 def prompt_for(task: str, tokenizer: Tokenizer, num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS,
