@@ -13,7 +13,9 @@ if [ "$QWENVL_DEMO" = 1 ]; then
     --lr-warmup-iters 4 --lr 2e-4 --min-lr 1e-5 --data-path "$DEMO_DIR/stage3" --save "$SAVE" \
     $(load_flags "$SAVE" "$CKPT_ROOT/stage2") "$@"
 else
+  # Conversations packed into rows of 2048 tokens, each attending only to itself (the global batch counts rows).
   launch --stage 3 $(SAVE_INTERVAL="${SAVE_INTERVAL:-500}" cluster_flags "$SAVE") --recompute-activations \
+    --pack-sequences \
     --tensor-model-parallel-size "${TP:-2}" --pipeline-model-parallel-size "${PP:-1}" \
     --micro-batch-size "${MBS:-1}" --data-path ${DATA_PATH:?set DATA_PATH} \
     $(load_flags "$SAVE" "$CKPT_ROOT/stage2") "$@"

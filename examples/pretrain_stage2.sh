@@ -13,7 +13,10 @@ if [ "$QWENVL_DEMO" = 1 ]; then
     --lr-warmup-iters 4 --lr 5e-4 --min-lr 1e-5 --data-path "$DEMO_DIR/stage2" --save "$SAVE" \
     $(load_flags "$SAVE" "$CKPT_ROOT/stage1") "$@"
 else
+  # The paper packs each task's samples into rows of 2048 tokens: give DATA_PATH one prefix per task
+  # ("W1 caption W2 vqa ..."); the global batch then counts rows (4096 x 2048).
   launch --stage 2 $(SAVE_INTERVAL="${SAVE_INTERVAL:-500}" cluster_flags "$SAVE") --recompute-activations \
+    --pack-sequences --pack-same-task \
     --tensor-model-parallel-size "${TP:-2}" --pipeline-model-parallel-size "${PP:-1}" \
     --micro-batch-size "${MBS:-2}" --data-path ${DATA_PATH:?set DATA_PATH} \
     $(load_flags "$SAVE" "$CKPT_ROOT/stage1") "$@"
