@@ -64,7 +64,8 @@ def test_wandb_logs_the_tensorboard_scalars_at_the_same_steps(tmp_path):
             logged.setdefault(tag, []).append((c["step"], value))
     board = _tensorboard_scalars(tb)
     assert sorted(logged) == sorted(board) == sorted(f"train/{n}" for n in (
-        "loss", "lr", "grad_norm", "samples_per_s", "tflops_per_gpu", "skipped"))
+        "loss", "lr", "grad_norm", "samples_per_s", "supervised_tokens_per_s", "padding_fraction",
+        "tflops_per_gpu", "executed_tflops_per_gpu", "data_wait_fraction", "skipped"))
     for tag, points in board.items():
         assert [s for s, _ in logged[tag]] == [s for s, _ in points] == [2, 3], tag  # log interval + last
         for (_, w), (_, t) in zip(logged[tag], points):
