@@ -150,8 +150,12 @@ def line_chart(path: str, series: dict, title: str = "", xlabel: str = "", ylabe
     c.text(left, 15, title)
     c.text((left + right) // 2 - text_width(xlabel) // 2, bottom + 35, xlabel)
     c.text(15, (top + bottom) // 2 + text_width(ylabel) // 2, ylabel, vertical=True)
+    colored = 0
     for k, (label, data) in enumerate(series.items()):
-        color = PALETTE[k % len(PALETTE)]
+        if label.startswith("~"):  # a model or a roof: black, dashed
+            color = (0, 0, 0)
+        else:
+            color, colored = PALETTE[colored % len(PALETTE)], colored + 1
         good = [(x, y) for x, y in data if ok(x, y)]
         dashed = label.startswith("~")
         prev = None

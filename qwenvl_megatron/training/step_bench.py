@@ -217,10 +217,11 @@ def charts(result: dict, json_path: str) -> list[str]:
     if result.get("phases"):
         series = {}
         for name, ph in result["phases"].items():
-            series[name] = [(k + 1, ph["phases_s"][p]["median"]) for k, p in enumerate(PHASES)]
+            series[name] = [(k + 1, ph["share_of_step"][p]) for k, p in enumerate(PHASES)]
+        short = ("data", "fwd", "bwd", "reduce", "sched", "check", "optim")
         paths.append(bench.chart(bench.png_path(json_path), series,
-                                 title="step phases s: " + " ".join(f"{k + 1}={p}" for k, p in enumerate(PHASES)),
-                                 xlabel="phase", ylabel="seconds", lines=False))
+                                 title="share of step: " + " ".join(f"{k + 1} {p}" for k, p in enumerate(short)),
+                                 xlabel="phase", ylabel="share of step", lines=False))
     if result.get("bubble"):
         rows = sorted(result["bubble"], key=lambda r: r["pp"])
         paths.append(bench.chart(bench.png_path(json_path, "bubble"), {
