@@ -175,7 +175,7 @@ def op_cases(device, dtype, paper: bool, smoke: bool = False) -> list[dict]:
     heads = 32
     if smoke:
         h, f, vit_w, heads = 256, 512, 128, 4
-    es = torch.tensor([], dtype=dtype).element_size()
+    es = dtype.itemsize
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, grad=True, dt=dtype):
@@ -290,7 +290,7 @@ def gemm_shapes(paper: bool, smoke: bool = False) -> list[dict]:
 def bench_gemms(device, dtype, paper: bool, repeats: int, smoke: bool = False) -> dict:
     """The model's GEMMs and, interleaved with them in every repeat, a square n^3 matmul whose best repeat is
     the measured peak (so a busy spell lowers the peak and the GEMMs alike) and a large copy (bandwidth)."""
-    es = torch.tensor([], dtype=dtype).element_size()
+    es = dtype.itemsize
     shapes = gemm_shapes(paper, smoke)
     g = torch.Generator(device=device).manual_seed(0)
     n = 256 if smoke else (8192 if device.type == "cuda" else 1024)

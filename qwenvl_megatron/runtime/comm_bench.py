@@ -37,7 +37,7 @@ def default_sizes(device: torch.device, smoke: bool = False) -> list[int]:
 
 
 def _op_call(op: str, size: int, device, dtype=torch.float32):
-    n, rank, es = dist.get_world_size(), dist.get_rank(), torch.tensor([], dtype=dtype).element_size()
+    n, rank, es = dist.get_world_size(), dist.get_rank(), dtype.itemsize
     count = max(size // es // n * n, n)  # divisible by n (all-gather / reduce-scatter chunks)
     if op == "all_reduce":
         buf = torch.ones(count, device=device, dtype=dtype)
