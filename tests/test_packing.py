@@ -150,9 +150,12 @@ def test_packed_microbatch_layout(dataset):
     assert "position_ids" not in _loader(dataset, 4, 0, 1, "causal").global_batch(0, 1)[0]
 
 
-def test_flags():
+def test_flags(tmp_path):
     from qwenvl_megatron.training.arguments import parse_args
-    base = ["--model", "tiny", "--train-iters", "4", "--global-batch-size", "8", "--data-path", "x"]
+    prefix = str(tmp_path / "x")  # input paths are checked when the flags are resolved: they must exist
+    for suffix in (".bin", ".idx"):
+        open(prefix + suffix, "wb").close()
+    base = ["--model", "tiny", "--train-iters", "4", "--global-batch-size", "8", "--data-path", prefix]
     with pytest.raises(SystemExit, match="need --pack-sequences"):
         parse_args(base + ["--pack-same-task"])
     with pytest.raises(SystemExit, match="not implemented"):
