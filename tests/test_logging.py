@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -64,11 +65,18 @@ def test_wandb_logs_the_tensorboard_scalars_at_the_same_steps(tmp_path):
             logged.setdefault(tag, []).append((c["step"], value))
     board = _tensorboard_scalars(tb)
     assert sorted(logged) == sorted(board) == sorted(f"train/{n}" for n in (
-        "loss", "lr", "grad_norm", "samples_per_s", "supervised_tokens_per_s", "padding_fraction", "tflops_per_gpu",
-        "skipped"))
+        "loss", "lr", "grad_norm", "samples_per_s", "supervised_tokens_per_s", "padding_fraction",
+        "tflops_per_gpu", "executed_tflops_per_gpu", "data_wait_fraction", "skipped"))
     for tag, points in board.items():
         assert [s for s, _ in logged[tag]] == [s for s, _ in points] == [2, 3], tag  # log interval + last
         for (_, w), (_, t) in zip(logged[tag], points):
             assert math.isclose(w, t, rel_tol=1e-6, abs_tol=1e-12), (tag, w, t)  # TensorBoard stores float32
+    # Issue 11: model and executed FLOPs, the data-wait share, and a measured CPU peak as the MFU denominator.
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("iter 2/3 "))
+    assert re.search(r"TFLOP/s/GPU \| MFU [0-9.e+-]+% \| executed [0-9.e+-]+ TFLOP/s/GPU \(HFU [0-9.e+-]+%\) \| "
+                     r"supervised [0-9,]+ tokens/s \| padding [0-9.]+% \| data wait [0-9.]+% \| skipped 0", line), line
+    assert "MFU denominator: --peak-tflops" in proc.stdout and "(CPU: measured fp32 matmul" in proc.stdout
+    assert 0 <= logged["train/data_wait_fraction"][0][1] < 1
+    assert 0 < logged["train/executed_tflops_per_gpu"][0][1] < logged["train/tflops_per_gpu"][0][1] * 1.5
     history = json.loads(proc.stdout.strip().splitlines()[-1])["history"]
     assert [v for _, v in logged["train/loss"]] == pytest.approx([history[1][1], history[2][1]])

@@ -252,12 +252,12 @@ def test_dry_run_prints_step_time_and_gpu_hours(capsys):
     from qwenvl_megatron.training.layout import flops_per_sample
 
     cfg = qwen_vl_7b()
-    c = part_parameters(cfg)
     # Stage 1 by hand: ViT trains (3x forward), adapter trains (3x), the frozen LLM passes gradients back (2x).
-    patches = (224 // 14) ** 2
-    vit = 2 * (c["vit"] - 256 * 1664) * patches + 4 * 48 * patches ** 2 * 1664
-    adapter = 2 * 1664 * 4096 * patches + 8 * 4096 ** 2 * 256 + 4 * 256 * patches * 4096
-    llm = 2 * (32 * c["llm_layer"] + c["head"]) * 512 + 4 * 32 * 512 ** 2 * 4096 / 2
+    patches, w, fv, h = (224 // 14) ** 2, 1664, int(1664 * 4.9231), 4096
+    vit = 2 * patches * 3 * 14 * 14 * w + 48 * (2 * patches * (4 * w * w + 2 * w * fv) + 4 * patches ** 2 * w)
+    # kv_proj, k and v on the patches; scores + context; q, out and proj on the 256 query rows
+    adapter = 2 * w * h * patches + 4 * h * h * patches + 4 * 256 * patches * h + 3 * 2 * h * h * 256
+    llm = 32 * (2 * 512 * (4 * h * h + 3 * h * 11008) + 4 * 512 ** 2 * h / 2) + 2 * h * 151936 * 512
     per_sample = 3 * vit + 3 * adapter + 2 * llm
     assert flops_per_sample(cfg, 512, 224, ("llm",)) == pytest.approx(per_sample, rel=1e-12)
     for mfu, peak in ((0.4, 989.0), (0.25, 400.0)):
@@ -270,3 +270,38 @@ def test_dry_run_prints_step_time_and_gpu_hours(capsys):
     assert 5.3 < per_sample * 30720 / (256 * 989e12 * 0.4) < 5.4  # ~17.7 TFLOP per sample -> 5.37 s per step
     with pytest.raises(SystemExit, match="--assumed-mfu 1.5 must be in"):
         parse_args(STAGE1_256 + ["--assumed-mfu", "1.5"])
+
+
+def test_flops_count_what_runs_on_a_tiny_config():
+    """Model FLOPs (MFU convention) and executed FLOPs against a count by hand (issue 11)."""
+    from qwenvl_megatron.models.config import tiny
+    from qwenvl_megatron.training.layout import batch_flops, forward_flops
+
+    cfg = tiny(vocab_size=1000, image_start_id=990)  # padded vocabulary: 1024
+    # ViT: 112 px / 14 = 8x8 = 64 patches, width 64, 2 layers, FFN 128.
+    conv = 2 * 64 * (3 * 14 * 14) * 64
+    vit_layer = 2 * 64 * (4 * 64 * 64 + 2 * 64 * 128) + 4 * 64 * 64 * 64
+    vit = conv + 2 * vit_layer
+    # Adapter, 16 queries, hidden 64: kv_proj, k and v over the 64 patches; attention 16 x 64; out, proj on 16.
+    adapter = 2 * 64 * 64 * 64 + 2 * 2 * 64 * 64 * 64 + 4 * 16 * 64 * 64 + 2 * 16 * 64 * 64 + 2 * 16 * 64 * 64
+    queries = 2 * 16 * 64 * 64
+    # LLM, seq 48: qkv + out (4 h^2), SwiGLU (3 h f), causal attention (half the scores).
+    llm = 2 * (2 * 48 * (4 * 64 * 64 + 3 * 64 * 128) + 4 * 48 * 48 * 64 / 2)
+    f = forward_flops(cfg, 48, 112)
+    assert (f["vit"], f["adapter_per_image"], f["adapter_queries"], f["llm_per_row"]) == (vit, adapter, queries, llm)
+    assert (f["head_per_position"], f["head_per_position_padded"]) == (2 * 64 * 1000, 2 * 64 * 1024)
+    # Stage 1: 4 rows, 3 images, 50 supervised positions, 2 microbatches; ViT + adapter 3x, frozen LLM 2x.
+    got = batch_flops(cfg, 48, 112, rows=4, images=3, supervised_tokens=50, microbatches=2, freeze=("llm",))
+    assert got["model"] == 3 * 3 * (vit + adapter + queries) + 2 * 4 * (llm + 48 * 2 * 64 * 1000)
+    assert got["executed"] == (3 * 3 * (vit + adapter) + 3 * 2 * queries  # queries once per microbatch
+                               + 2 * 4 * llm + 2 * 50 * 2 * 64 * 1024)  # head on supervised rows, padded vocab
+    # Recompute runs each recomputed part's forward once more (not the patch embedding, not proj, not the head).
+    rec = batch_flops(cfg, 48, 112, rows=4, images=3, supervised_tokens=50, microbatches=2, freeze=("llm",),
+                      recompute=("vit", "adapter", "llm"))
+    assert rec["model"] == got["model"]
+    assert rec["executed"] - got["executed"] == (3 * (vit - conv) + 3 * (adapter - 2 * 16 * 64 * 64) + 2 * queries
+                                                 + 4 * llm)
+    # Sequence parallelism: the head sees every position.
+    sp = batch_flops(cfg, 48, 112, rows=4, images=3, supervised_tokens=50, microbatches=2, sequence_parallel=True)
+    assert sp["executed"] - batch_flops(cfg, 48, 112, rows=4, images=3, supervised_tokens=50,
+                                        microbatches=2)["executed"] == 3 * (4 * 48 - 50) * 2 * 64 * 1024

@@ -156,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(needs the optional `wandb` package)")
     g.add_argument("--wandb-exp-name", default="", help="W&B run name")
     g.add_argument("--wandb-save-dir", default="", help="W&B local files (default: <save>/wandb)")
-    g.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="per-device peak for MFU (989 = H100 SXM dense bf16)")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak for MFU (default: the detected device's: a table of GPU datasheet "
+                        "peaks, e.g. 989 = H100/H200 SXM dense bf16, else a matmul measured at start; "
+                        "--dry-run: 989)")
     g.add_argument("--exit-interval", type=int,
                    help="save and exit when the iteration is a multiple of this (staged runs, tests)")
     g.add_argument("--dry-run", action="store_true", help="print the resolved plan and memory estimate, exit")
@@ -196,7 +198,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit("--data-path is required (or --mock-data)")
     if not 0 < args.assumed_mfu <= 1:
         raise SystemExit(f"--assumed-mfu {args.assumed_mfu} must be in (0, 1]")
-    if not args.gpu_memory_gib > 0 or not args.peak_tflops > 0:
+    if args.peak_tflops is None and args.dry_run:
+        args.peak_tflops = 989.0  # a dry run plans for the cluster, not for this machine
+    if not args.gpu_memory_gib > 0 or (args.peak_tflops is not None and not args.peak_tflops > 0):
         raise SystemExit("--gpu-memory-gib and --peak-tflops must be > 0")
     if args.load_weights_only and not args.load:
         raise SystemExit("--load-weights-only needs --load")

@@ -167,29 +167,75 @@ def _activation_bytes(args, layout: Layout, stage: int, llm_layers: int) -> int:
     return int(total)
 
 
-def flops_per_sample(cfg: QwenVLConfig, seq_length: int, image_size: int, freeze=(), images_per_sample: int = 1) -> float:
-    """Model FLOPs of one training sample (matmuls only; recompute not counted, as MFU defines it).
+def forward_flops(cfg: QwenVLConfig, seq_length: int, image_size: int) -> dict[str, float]:
+    """Matmul FLOPs of one forward pass, by piece (2 per multiply-add; norms, softmax, RoPE not counted).
 
-    A part costs 3x its forward when it trains (input and weight gradients), 2x when frozen but a part
-    upstream of it trains (input gradients only), 1x when nothing upstream trains (no backward at all).
+    'vit' and 'adapter_per_image' per image; 'adapter_queries' the queries' own projection (the model runs
+    it once per microbatch and broadcasts it over the images); 'llm_per_row' one row of `seq_length`
+    through the decoder layers (causal attention: half the scores); 'head_per_position' one position
+    through the LM head with the real vocabulary, 'head_per_position_padded' with megatron's padded one.
     """
-    c, v, l = part_parameters(cfg), cfg.vit, cfg.llm
-    patches = (image_size // v.patch_size) ** 2
-    forward = {
-        "vit": images_per_sample * (2 * (c["vit"] - v.pos_grid ** 2 * v.width) * patches
-                                    + 4 * v.num_layers * patches * patches * v.width),
-        "adapter": images_per_sample * (2 * cfg.vit.width * l.hidden_size * patches
-                                        + 2 * 4 * l.hidden_size ** 2 * cfg.adapter.num_queries
-                                        + 4 * cfg.adapter.num_queries * patches * l.hidden_size),
-        "llm": (2 * (l.num_layers * c["llm_layer"] + c["head"]) * seq_length
-                + 4 * l.num_layers * seq_length * seq_length * l.hidden_size / 2),  # causal: half the scores
-    }
-    total, upstream_trains = 0.0, False
+    v, a, l = cfg.vit, cfg.adapter, cfg.llm
+    patches, w, fv, h, q = (image_size // v.patch_size) ** 2, v.width, v.ffn_hidden_size, l.hidden_size, a.num_queries
+    vit = (2 * patches * 3 * v.patch_size ** 2 * w                            # patch embedding (conv)
+           + v.num_layers * (2 * patches * (4 * w * w + 2 * w * fv)            # qkv, out, fc1, fc2
+                             + 4 * patches * patches * w))                      # scores and context
+    adapter = (2 * patches * w * h                    # kv_proj on the patches
+               + 2 * 2 * patches * h * h              # k and v projections on the patches
+               + 4 * q * patches * h                  # scores and context
+               + 2 * q * h * h                        # output projection
+               + 2 * q * h * h)                       # ln_post(out) @ proj
+    attn = l.num_attention_heads * l.kv_channels
+    layer = 2 * seq_length * (3 * h * attn + attn * h + 3 * h * l.ffn_hidden_size) \
+        + 4 * seq_length * seq_length * attn / 2
+    return {"vit": float(vit), "adapter_per_image": float(adapter), "adapter_queries": float(2 * q * h * h),
+            "llm_per_row": float(l.num_layers * layer), "head_per_position": float(2 * h * l.vocab_size),
+            "head_per_position_padded": float(2 * h * padded_vocab_size(l.vocab_size, 1))}
+
+
+def _multipliers(freeze) -> dict[str, int]:
+    """Forward + backward cost of each part in forwards: 3 when it trains (input and weight gradients), 2
+    when frozen but a part upstream trains (input gradients only), 1 when nothing upstream trains."""
+    out, upstream = {}, False
     for part in ("vit", "adapter", "llm"):
         trains = part not in freeze
-        total += forward[part] * (3 if trains else 2 if upstream_trains else 1)
-        upstream_trains = upstream_trains or trains
-    return total
+        out[part] = 3 if trains else 2 if upstream else 1
+        upstream = upstream or trains
+    return out
+
+
+def batch_flops(cfg: QwenVLConfig, seq_length: int, image_size: int, *, rows: int, images: int,
+                supervised_tokens: int, microbatches: int, freeze=(), recompute=(), tensor_parallel: int = 1,
+                sequence_parallel: bool = False) -> dict[str, float]:
+    """FLOPs of `rows` rows of `seq_length` with `images` images, forward and backward.
+
+    'model': the paper's (MFU) convention: every position of every row through the decoder and the LM
+    head (real vocabulary), each image through ViT and adapter, recompute not counted.
+    'executed': what this trainer runs (hardware FLOPs): the LM head only on the supervised positions (every
+    position under sequence parallelism) over the padded vocabulary, the queries' projection once per
+    microbatch with images, and the recomputed forward of each part in `recompute` that has a backward.
+    """
+    f, mult = forward_flops(cfg, seq_length, image_size), _multipliers(freeze)
+    model = (images * (f["vit"] * mult["vit"] + (f["adapter_per_image"] + f["adapter_queries"]) * mult["adapter"])
+             + rows * (f["llm_per_row"] + seq_length * f["head_per_position"]) * mult["llm"])
+    head_positions = rows * seq_length if sequence_parallel else supervised_tokens
+    vocab = padded_vocab_size(cfg.llm.vocab_size, tensor_parallel) * 2 * cfg.llm.hidden_size
+    redo = {p: 1 if p in recompute and mult[p] > 1 else 0 for p in mult}
+    executed = (images * (f["vit"] - 2 * (image_size // cfg.vit.patch_size) ** 2 * 3 * cfg.vit.patch_size ** 2
+                          * cfg.vit.width) * redo["vit"]  # recompute covers the layers, not the patch embedding
+                + images * f["vit"] * mult["vit"]
+                + images * f["adapter_per_image"] * (mult["adapter"] + redo["adapter"])
+                - images * 2 * cfg.adapter.num_queries * cfg.llm.hidden_size ** 2 * redo["adapter"]  # proj not recomputed
+                + min(images, microbatches) * f["adapter_queries"] * (mult["adapter"] + redo["adapter"])
+                + rows * f["llm_per_row"] * (mult["llm"] + redo["llm"])
+                + head_positions * vocab * mult["llm"])
+    return {"model": float(model), "executed": float(executed)}
+
+
+def flops_per_sample(cfg: QwenVLConfig, seq_length: int, image_size: int, freeze=(), images_per_sample: int = 1) -> float:
+    """Model FLOPs (the MFU convention of `batch_flops`) of one training sample of `seq_length`."""
+    return batch_flops(cfg, seq_length, image_size, rows=1, images=images_per_sample,
+                       supervised_tokens=seq_length, microbatches=1, freeze=freeze)["model"]
 
 
 def dry_run_report(args, layout: Layout) -> str:
@@ -241,4 +287,4 @@ def run_time(args, layout: Layout) -> dict:
 
 
 __all__ = ["Layout", "LayoutError", "plan_layout", "parallel_plan", "part_parameters", "estimate_memory",
-           "dry_run_report", "flops_per_sample", "run_time"]
+           "dry_run_report", "flops_per_sample", "forward_flops", "batch_flops", "run_time"]

@@ -79,11 +79,14 @@ def forward_step(data_iterator, model):
     output = model(batch["input_ids"], batch.get("images"), targets, position_ids=batch.get("position_ids"))
     positions = targets.numel()
     real = batch.get("real_tokens", positions)  # the loader counts non-padding positions
+    images = batch.get("images")
+    n_images = 0 if images is None else int(images.shape[0])
 
     def loss_func(per_token_loss: torch.Tensor):
         num_tokens = (targets != IGNORE_INDEX).sum().to(torch.int)
         loss_sum = per_token_loss.float().sum()
-        counts = torch.tensor([real, positions], dtype=torch.float32, device=loss_sum.device)
+        counts = torch.tensor([real, positions, n_images, float(n_images > 0)], dtype=torch.float32,
+                              device=loss_sum.device)
         report = torch.cat([torch.stack([loss_sum.detach(), num_tokens.float()]), counts])
         return loss_sum, num_tokens, {"lm loss": report}
 
@@ -95,18 +98,20 @@ def forward_backward(model: list, batches: Iterable[dict], num_microbatches: int
                      ) -> tuple[float, int]:
     """Run the schedule over `num_microbatches` batches. Returns (mean loss over the global batch's
     supervised tokens, token count), identical on every rank. `stats`, when given, receives the global
-    batch's `supervised_tokens`, `real_tokens` (not padding) and `positions` (rows x seq)."""
+    batch's `supervised_tokens`, `real_tokens` (not padding), `positions` (rows x seq), `images` and
+    `image_microbatches` (microbatches with at least one image; the FLOP count of training.layout needs them)."""
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=model,
         num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
         forward_only=forward_only)
-    total = torch.zeros(4, dtype=torch.float64, device=runtime_device())  # NCCL reduces device tensors only
+    total = torch.zeros(6, dtype=torch.float64, device=runtime_device())  # NCCL reduces device tensors only
     for item in losses:
         total += item["lm loss"].double()
     # Sum over data-parallel replicas, then share the last stage's numbers with the whole pipeline.
     torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
     torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
     if stats is not None:
-        stats.update(supervised_tokens=int(total[1].item()), real_tokens=int(total[2].item()),
-                     positions=int(total[3].item()))
+        values = total.tolist()
+        stats.update(supervised_tokens=int(values[1]), real_tokens=int(values[2]), positions=int(values[3]),
+                     images=int(values[4]), image_microbatches=int(values[5]))
     return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())

@@ -25,7 +25,7 @@ from ..data.loader import MicroBatchLoader, MockLoader, gather_images
 from ..runtime import device as runtime_device, initialize
 from . import checkpoint as ckpt
 from .arguments import args_record, parse_args
-from .layout import Layout, LayoutError, dry_run_report, flops_per_sample, parallel_plan, plan_layout
+from .layout import Layout, LayoutError, batch_flops, dry_run_report, parallel_plan, plan_layout
 from .optimizer import OptimizerSettings, build_optimizer, build_scheduler, freeze
 from .step import build_model, forward_backward, unwrap
 
@@ -182,6 +182,7 @@ def train(args, layout: Layout) -> dict:
     "iteration", "consumed_samples", "skipped"} (identical on every rank)."""
     device = initialize(layout.tensor_parallel, layout.pipeline_parallel, seed=args.seed)
     cfg, plan = args.model_cfg, parallel_plan(args)
+    peak_tflops, peak_source = resolve_peak_tflops(args, device)
     model = build_model(cfg, plan, freeze=lambda m: freeze(m, args.freeze), device=device,
                         use_distributed_optimizer=args.use_distributed_optimizer,
                         overlap_grad_reduce=args.overlap_grad_reduce)
@@ -208,7 +209,12 @@ def train(args, layout: Layout) -> dict:
     loader = build_loader(args, layout, device)
     batches = loader.iterate(consumed, layout.num_microbatches, layout.global_batch_size)
     stop = StopRequest()
-    flops_step = flops_per_sample(cfg, layout.seq_length, args.image_size, args.freeze) * layout.global_batch_size
+
+    def step_flops(stats) -> dict:
+        return batch_flops(cfg, layout.seq_length, args.image_size, rows=stats["positions"] // layout.seq_length,
+                           images=stats["images"], supervised_tokens=stats["supervised_tokens"],
+                           microbatches=stats["image_microbatches"], freeze=args.freeze, recompute=args.recompute,
+                           tensor_parallel=layout.tensor_parallel, sequence_parallel=args.sequence_parallel)
     record = args_record(args)
     sinks = _scalar_sinks(args, record)
 
@@ -239,13 +245,17 @@ def train(args, layout: Layout) -> dict:
     unproven = None  # iteration of the newest checkpoint saved but not yet proven
     start = window_start = time.time()
     start_iteration, window_iters = iteration, 0
-    window = {"supervised_tokens": 0, "real_tokens": 0, "positions": 0, "samples": 0}
+    window = {"supervised_tokens": 0, "real_tokens": 0, "positions": 0, "samples": 0, "data_wait": 0.0,
+              "model_flops": 0.0, "executed_flops": 0.0}
+    log(f"MFU denominator: --peak-tflops {peak_tflops:.4g} per device ({peak_source})")
     log(f"training {cfg.llm.num_layers}-layer LLM, world {layout.world_size} (TP {layout.tensor_parallel} "
         f"PP {layout.pipeline_parallel} DP {layout.data_parallel}), {layout.num_microbatches} microbatches "
         f"of {layout.micro_batch_size}, from iteration {iteration} to {args.train_iters}")
     while iteration < args.train_iters:
+        wait_start = time.perf_counter()  # data wait: until this step's batch is on the device
         host_batch = next(batches)
         global_batch = [gather_images(_to_device(b, device)) for b in host_batch]  # TP image shares
+        window["data_wait"] += time.perf_counter() - wait_start
         stats = {}
         loss, grad_norm, updated = train_step(model, optimizer, scheduler, global_batch, layout, stats)
         iteration += 1
@@ -253,6 +263,9 @@ def train(args, layout: Layout) -> dict:
         consumed = host_batch.consumed_after  # + GBS samples, or the packer's cursor
         for key in ("supervised_tokens", "real_tokens", "positions"):
             window[key] += stats[key]
+        flops = step_flops(stats)
+        window["model_flops"] += flops["model"]
+        window["executed_flops"] += flops["executed"]
         window_iters += 1
         lr = current_lr(optimizer)
         history.append((iteration, loss, grad_norm, lr))
@@ -273,21 +286,26 @@ def train(args, layout: Layout) -> dict:
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             now = time.time()
             per_iter = (now - window_start) / window_iters
-            tflops = flops_step / per_iter / layout.world_size / 1e12
-            eta = (args.train_iters - iteration) * (now - start) / (iteration - start_iteration)
             span = now - window_start
+            tflops = window["model_flops"] / span / layout.world_size / 1e12
+            executed = window["executed_flops"] / span / layout.world_size / 1e12
+            eta = (args.train_iters - iteration) * (now - start) / (iteration - start_iteration)
             supervised_per_s = window["supervised_tokens"] / span
             padding = 1 - window["real_tokens"] / max(window["positions"], 1)
+            data_wait = window["data_wait"] / span
             log(f"iter {iteration}/{args.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
                 f"{window['samples'] / span:.1f} samples/s | {layout.tokens_per_step / per_iter:,.0f} "
-                f"tokens/s | {tflops:.3g} TFLOP/s/GPU | MFU {100 * tflops / args.peak_tflops:.3g}% | "
+                f"tokens/s | {tflops:.3g} TFLOP/s/GPU | MFU {100 * tflops / peak_tflops:.3g}% | "
+                f"executed {executed:.3g} TFLOP/s/GPU (HFU {100 * executed / peak_tflops:.3g}%) | "
                 f"supervised {supervised_per_s:,.0f} tokens/s | padding {100 * padding:.1f}% | "
+                f"data wait {100 * data_wait:.1f}% | "
                 f"skipped {skipped_total} | elapsed {_hms(now - start)} | ETA {_hms(eta)}")
             scalars = {f"train/{name}": value for name, value in (
                 ("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
                 ("samples_per_s", window["samples"] / span),
                 ("supervised_tokens_per_s", supervised_per_s), ("padding_fraction", padding),
-                ("tflops_per_gpu", tflops), ("skipped", skipped_total))}
+                ("tflops_per_gpu", tflops), ("executed_tflops_per_gpu", executed),
+                ("data_wait_fraction", data_wait), ("skipped", skipped_total))}
             for sink in sinks:
                 sink.log(scalars, iteration)
             window_start, window_iters = now, 0
@@ -318,6 +336,21 @@ def train(args, layout: Layout) -> dict:
     for sink in sinks:
         sink.close()
     return {"history": history, "iteration": iteration, "consumed_samples": consumed, "skipped": skipped_total}
+
+
+def resolve_peak_tflops(args, device) -> tuple[float, str]:
+    """--peak-tflops, or the detected device's peak (a GPU table; on a CPU a matmul measured on every rank at
+    once, since they share the cores, and averaged over the ranks)."""
+    if args.peak_tflops is not None:
+        return args.peak_tflops, "--peak-tflops"
+    from ..runtime.peak import detect_peak_tflops
+    peak, source = detect_peak_tflops(device, bf16=args.bf16, seconds=0.5)
+    if device.type == "cpu" and dist.is_initialized() and dist.get_world_size() > 1:
+        mean = torch.tensor([peak], dtype=torch.float64, device=device)
+        dist.all_reduce(mean)
+        peak = float(mean.item()) / dist.get_world_size()
+        source += f", mean of {dist.get_world_size()} ranks measuring at once"
+    return peak, source
 
 
 def _hms(seconds: float) -> str:

@@ -1,0 +1,235 @@
+"""One training step broken into phases, and the 1F1B pipeline bubble (tools/bench_step.py is the CLI).
+
+Phases of a step, timed on the trainer's own code (`train.grads_finite`, `step.forward_backward`, megatron's
+optimizer, `checkpoint.save_checkpoint`):
+
+- data wait: the next global batch from the loader onto the device (the mock loader builds it in the loop,
+  with no background thread: an upper bound of what the real loader's thread leaves to wait for);
+- forward / backward: the time inside megatron's `schedules.forward_step` / `schedules.backward_step` (the
+  loss included in the forward of the last stage);
+- gradient reduction: `finalize_model_grads` (data-parallel all-reduce or reduce-scatter, the
+  layer-norm / embedding reductions);
+- grad check: the trainer's finite check of the reduced gradients; optimizer: `optimizer.step()` (norm,
+  clipping, AdamW); schedule other: the rest of the schedule (p2p sends and waits, bookkeeping);
+- checkpoint: one save of model and optimizer (a separate figure: it is paid once per --save-interval).
+
+Pipeline bubble: with PP p and m microbatches, 1F1B keeps each stage idle for (p-1)/(m+p-1) of the
+schedule if the stages' work is equal. Measured per rank as 1 - (forward + backward time) / schedule
+time, averaged over the stages (stage 0 also holds the ViT and embedding, the last the LM head).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from ..runtime import bench
+
+PHASES = ("data_wait", "forward", "backward", "grad_reduction", "schedule_other", "grad_check", "optimizer")
+
+
+def bubble_formula(pp: int, microbatches: int) -> float:
+    """The 1F1B pipeline bubble: idle share of each stage, (p - 1) / (m + p - 1)."""
+    return (pp - 1) / (microbatches + pp - 1)
+
+
+def config(name: str, seq_length: int | None = None):
+    """(model config, seq length, image size, micro batch size, microbatches) of a named benchmark config."""
+    from ..models.config import tiny
+    if name == "tiny":
+        return tiny(), seq_length or 128, 112, 2, 2
+    if name == "small":  # LLM 512 x 8 layers, ViT 256 x 4 (issue 11)
+        cfg = tiny(vocab_size=4096, image_start_id=4000).replace(
+            llm={"num_layers": 8, "hidden_size": 512, "num_attention_heads": 8, "kv_channels": 64,
+                 "ffn_hidden_size": 1376, "max_position_embeddings": 2048, "seq_length": 512},
+            vit={"width": 256, "num_layers": 4, "num_heads": 4, "mlp_ratio": 4.0, "image_size": 224, "pos_grid": 16},
+            adapter={"num_queries": 64, "num_heads": 8})
+        return cfg, seq_length or 512, 224, 1, 2
+    if name == "pipeline":  # 8 equal LLM layers (PP 1, 2, 4 divide them), a small ViT
+        cfg = tiny().replace(llm={"num_layers": 8, "hidden_size": 128, "num_attention_heads": 4, "kv_channels": 32,
+                                  "ffn_hidden_size": 256})
+        return cfg, seq_length or 128, 56, 1, 8
+    if name == "smoke":
+        return tiny().replace(llm={"num_layers": 4}), seq_length or 48, 56, 1, 4
+    raise ValueError(f"unknown benchmark config {name!r}: tiny, small, pipeline, smoke")
+
+
+class _PhaseTimer:
+    """Wraps megatron's schedule functions and the finalize hook, adding their time to `totals`."""
+
+    def __init__(self, device):
+        self.device, self.totals = device, dict.fromkeys(("forward", "backward", "grad_reduction"), 0.0)
+
+    def _wrap(self, key, fn):
+        def timed(*args, **kwargs):
+            bench.sync(self.device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                bench.sync(self.device)
+                self.totals[key] += time.perf_counter() - t0
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self, model):
+        from megatron.core.pipeline_parallel import schedules
+        config = model[0].config
+        saved = schedules.forward_step, schedules.backward_step, config.finalize_model_grads_func
+        schedules.forward_step = self._wrap("forward", saved[0])
+        schedules.backward_step = self._wrap("backward", saved[1])
+        config.finalize_model_grads_func = self._wrap("grad_reduction", saved[2])
+        try:
+            yield self
+        finally:
+            schedules.forward_step, schedules.backward_step, config.finalize_model_grads_func = saved
+
+    def reset(self):
+        self.totals = dict.fromkeys(self.totals, 0.0)
+
+
+def _build(cfg, seq, image_size, mbs, microbatches, device, seed=1):
+    from megatron.core import parallel_state
+
+    from ..data.loader import MockLoader
+    from ..models.parallel import ParallelPlan
+    from .layout import Layout
+    from .optimizer import OptimizerSettings, build_optimizer, build_scheduler
+    from .step import build_model
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    model = build_model(cfg, ParallelPlan(pipeline_parallel=pp), device=device)
+    settings = OptimizerSettings(lr=1e-4, min_lr=1e-5)
+    opt = build_optimizer(model, cfg, settings)
+    sched = build_scheduler(opt, settings, 1, 1000)
+    dp = parallel_state.get_data_parallel_world_size()
+    loader = MockLoader(mbs, seq, cfg.llm.vocab_size, image_size, cfg.image_start_id, cfg.adapter.num_queries,
+                        seed=seed, data_parallel_rank=parallel_state.get_data_parallel_rank(), data_parallel_size=dp)
+    layout = Layout(torch.distributed.get_world_size(), 1, pp, dp, mbs, mbs * dp * microbatches, microbatches, seq)
+    return model, opt, sched, loader, layout
+
+
+def _one_step(model, opt, sched, batches, layout, timer, device) -> dict:
+    from ..data.loader import gather_images
+    from .step import forward_backward
+    from .train import _to_device, grads_finite
+    times = {}
+    timer.reset()
+    bench.sync(device)
+    t0 = time.perf_counter()
+    host = next(batches)
+    batch = [gather_images(_to_device(b, device)) for b in host]
+    bench.sync(device)
+    times["data_wait"] = time.perf_counter() - t0
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    opt.zero_grad()
+    t1 = time.perf_counter()
+    forward_backward(model, batch, layout.num_microbatches, layout.seq_length, layout.micro_batch_size)
+    bench.sync(device)
+    schedule = time.perf_counter() - t1
+    times.update(timer.totals)
+    times["schedule_other"] = schedule - sum(timer.totals.values())
+    times["schedule"] = schedule
+    times["grad_check"] = bench.timed(lambda: grads_finite(model), device)
+    t2 = time.perf_counter()
+    opt.step()
+    sched.step(1)
+    bench.sync(device)
+    times["optimizer"] = time.perf_counter() - t2
+    times["step"] = time.perf_counter() - t0
+    return times
+
+
+def phases(config_name: str, steps: int, device, checkpoint: bool = True, seq_length: int | None = None) -> dict:
+    """Phase times of `steps` training steps (after one warm-up step) of a config, world of this process."""
+    cfg, seq, image_size, mbs, m = config(config_name, seq_length)
+    cfg = cfg.replace(vit={"image_size": image_size})
+    model, opt, sched, loader, layout = _build(cfg, seq, image_size, mbs, m, device)
+    batches = loader.iterate(0, m, layout.global_batch_size)
+    timer = _PhaseTimer(device)
+    per_step = []
+    with timer.installed(model):
+        _one_step(model, opt, sched, batches, layout, timer, device)  # warm-up
+        for _ in range(steps):
+            per_step.append(_one_step(model, opt, sched, batches, layout, timer, device))
+    out = {"config": config_name, "seq_length": seq, "image_size": image_size, "micro_batch_size": mbs,
+           "microbatches": m, "steps": steps,
+           "model": {"llm_layers": cfg.llm.num_layers, "hidden": cfg.llm.hidden_size, "vit_width": cfg.vit.width,
+                     "vit_layers": cfg.vit.num_layers, "queries": cfg.adapter.num_queries,
+                     "vocab": cfg.llm.vocab_size},
+           "phases_s": {k: bench.summary([s[k] for s in per_step]) for k in PHASES + ("schedule", "step")}}
+    med = statistics.median([s["step"] for s in per_step])
+    out["share_of_step"] = {k: statistics.median([s[k] for s in per_step]) / med for k in PHASES}
+    if checkpoint:
+        from .checkpoint import iter_dir, save_checkpoint
+        saves = []
+        with tempfile.TemporaryDirectory(prefix="bench_step_ckpt_") as d:
+            for k in range(2):
+                t0 = time.perf_counter()
+                save_checkpoint(d, k + 1, model, cfg, opt, sched, consumed_samples=0)
+                saves.append(time.perf_counter() - t0)
+            last = iter_dir(d, 2)
+            size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(last) for f in fs)
+        out["checkpoint_s"] = bench.summary(saves)
+        out["checkpoint_bytes"] = int(size)
+    return out
+
+
+def bubble(config_name: str, steps: int, device, microbatches: int | None = None) -> dict | None:
+    """Under torchrun with world = PP (TP 1, DP 1): per stage busy and schedule time; rank 0 gets the dict."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    cfg, seq, image_size, mbs, m = config(config_name)
+    m = microbatches or m
+    cfg = cfg.replace(vit={"image_size": image_size})
+    model, opt, sched, loader, layout = _build(cfg, seq, image_size, mbs, m, device)
+    batches = loader.iterate(0, m, layout.global_batch_size)
+    timer = _PhaseTimer(device)
+    rows = []
+    with timer.installed(model):
+        _one_step(model, opt, sched, batches, layout, timer, device)  # warm-up
+        for _ in range(steps):
+            t = _one_step(model, opt, sched, batches, layout, timer, device)
+            rows.append((t["schedule"], t["forward"] + t["backward"]))
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    mine = torch.tensor([[s, b] for s, b in rows], dtype=torch.float64, device=device)
+    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    if dist.get_rank() != 0:
+        return None
+    stages = []
+    for rank, part in enumerate(parts):
+        bubbles = [1 - b / s for s, b in part.tolist()]
+        stages.append({"stage": rank, "schedule_s": bench.summary([s for s, _ in part.tolist()]),
+                       "busy_s": bench.summary([b for _, b in part.tolist()]), "bubble": bench.summary(bubbles)})
+    measured = [statistics.median([1 - b / s for s, b in parts[r].tolist()]) for r in range(len(parts))]
+    return {"pp": pp, "microbatches": m, "config": config_name, "steps": steps,
+            "bubble_formula": bubble_formula(pp, m), "bubble_measured": statistics.mean(measured),
+            "bubble_measured_per_stage": measured, "stages": stages}
+
+
+def charts(result: dict, json_path: str) -> list[str]:
+    paths = []
+    if result.get("phases"):
+        series = {}
+        for name, ph in result["phases"].items():
+            series[name] = [(k + 1, ph["share_of_step"][p]) for k, p in enumerate(PHASES)]
+        short = ("data", "fwd", "bwd", "reduce", "sched", "check", "optim")
+        paths.append(bench.chart(bench.png_path(json_path), series,
+                                 title="share of step: " + " ".join(f"{k + 1} {p}" for k, p in enumerate(short)),
+                                 xlabel="phase", ylabel="share of step", lines=False))
+    if result.get("bubble"):
+        rows = sorted(result["bubble"], key=lambda r: r["pp"])
+        paths.append(bench.chart(bench.png_path(json_path, "bubble"), {
+            "measured": [(r["pp"], r["bubble_measured"]) for r in rows],
+            "~1F1B (p-1)/(m+p-1)": [(r["pp"], r["bubble_formula"]) for r in rows]},
+            title=f"pipeline bubble, m = {rows[0]['microbatches']} microbatches", xlabel="pipeline stages",
+            ylabel="idle share"))
+    return paths
+
+
+__all__ = ["PHASES", "bubble_formula", "config", "phases", "bubble", "charts"]
