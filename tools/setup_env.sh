@@ -15,7 +15,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing dependencies into .venv (CPU torch pinned first so no CUDA build is pulled)"
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
   .venv/bin/pip install -q --disable-pip-version-check "megatron-core==0.16.1" numpy psutil safetensors \
-      tiktoken sentencepiece pillow pytest pybind11 setuptools wheel tensorboard pycocoevalcap
+      tiktoken sentencepiece pillow pytest hypothesis pybind11 setuptools wheel tensorboard pycocoevalcap
   # NVIDIA DALI runs its CPU pipelines here (the GPU decoder on clusters); the tests compare it to Pillow.
   .venv/bin/pip install -q --disable-pip-version-check "nvidia-dali-cuda120==2.4.0" \
     || echo "[setup] DALI not installed: the Pillow image path is used and DALI tests are skipped"
