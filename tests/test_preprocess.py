@@ -253,3 +253,16 @@ def test_images_the_two_decoders_would_read_differently_are_normalised(tmp_path)
     assert [r["line"] for r in rejects] == [len(images) + len(kept) + k + 1 for k in range(len(broken))]
     for r, name in zip(rejects, broken):
         assert f"image {name!r} cannot be decoded: " in r["reason"], r
+
+
+def test_a_truncated_tar_shard_keeps_what_was_read_and_says_so(tmp_path, corpus):
+    root = corpus[0]
+    data = (root / "shard-000.tar").read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[:512 * 5 + 100])  # k0.png, k0.txt, part of k1.jpg's content
+    summary = _load_tool().preprocess([str(cut)], "qwen", VOCAB, str(tmp_path / "out"), seq_length=64,
+                                      num_image_tokens=N_IMG, log=io.StringIO())
+    rejects = [json.loads(line) for line in open(str(tmp_path / "out") + ".rejects.jsonl")]
+    assert summary["written"] == 1 and IndexedDataset(str(tmp_path / "out"))[0][2] == [_png("blue")]
+    assert len(rejects) == 1 and rejects[0]["key"] is None
+    assert rejects[0]["reason"].startswith(f"{cut}: unreadable tar shard after 1 keys: "), rejects[0]
