@@ -70,7 +70,10 @@ def _assert_saved_at_the_signal(out, save, took):
     said = [line for line in out.splitlines() if line.startswith("SIGTERM: saved at iteration ")]
     assert len(said) == 1, out[-4000:]
     it = int(said[0].split()[-2].rstrip(","))
-    assert it in (3, 4), out[-4000:]  # iteration 3 was logged when the signal was sent
+    # Iteration 3 was logged when the signal was sent; the save is of the last iteration trained (the one
+    # the signal arrived in, or the next when it came between iterations): no iteration is lost.
+    trained = [int(line.split()[1].split("/")[0]) for line in out.splitlines() if line.startswith("iter ")]
+    assert it >= 3 and it == trained[-1], out[-4000:]
     assert f"checkpoint {save}/iter_{it:07d} proven (forward-only loss" in out
     assert int((save / ckpt.MARKER).read_text()) == it
     ckpt.verify_checksums(str(save / f"iter_{it:07d}"))
