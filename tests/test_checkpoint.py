@@ -96,3 +96,40 @@ def test_save_failure_names_errno_path_and_free_space_then_fsync_and_cleanup(tmp
     # the save directory after the rename (before the marker) and after the marker's replace
     assert save in synced[last_file + 1:synced.index(marker_tmp)]
     assert synced[-1] == save
+
+
+def test_flipped_bytes_in_a_shard_are_refused_naming_the_file(saved, tmp_path):
+    """checksums.json records every file's size and CRC-32 at save; a load checks them first and names the
+    damaged file. verify=False (the trainer's --no-verify-checksums) skips the check: the damage then loads
+    silently, which is what the check is for."""
+    cfg, model, save = saved
+    save = shutil.copytree(save, str(tmp_path / "ckpt"))
+    iter1 = os.path.join(save, "iter_0000001")
+    import json
+    recorded = json.load(open(os.path.join(iter1, ckpt.CHECKSUMS)))
+    assert recorded["algorithm"] == "crc32"
+    assert sorted(recorded["files"]) == sorted(n for n in os.listdir(iter1) if n != ckpt.CHECKSUMS)
+    ckpt.load_model_weights(build_model(cfg, ParallelPlan(), wrap_ddp=False), save)  # intact: loads
+
+    shard = max(glob.glob(os.path.join(iter1, "*.distcp")), key=os.path.getsize)
+    with open(shard, "r+b") as f:  # flip 4 bytes in the last tenth of the file: tensor payload
+        f.seek(os.path.getsize(shard) * 9 // 10)
+        data = f.read(4)
+        f.seek(-4, os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in data))
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load_model_weights(build_model(cfg, ParallelPlan(), wrap_ddp=False), save)
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {iter1} is damaged: {os.path.basename(shard)} has crc32 ")
+    assert "--no-verify-checksums" in message and "\n" not in message
+    with pytest.raises(ckpt.CheckpointError, match=os.path.basename(shard)):
+        ckpt.load_checkpoint(save, build_model(cfg, ParallelPlan(), wrap_ddp=False), weights_only=True)
+
+    unchecked = build_model(cfg, ParallelPlan(), wrap_ddp=False)
+    ckpt.load_model_weights(unchecked, save, verify=False)
+    before, after = _weights(model), _weights(unchecked)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the flip went into the weights
+
+    os.truncate(shard, os.path.getsize(shard) - 1)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{os.path.basename(shard)} has ")):
+        ckpt.load_model_weights(build_model(cfg, ParallelPlan(), wrap_ddp=False), save)

@@ -213,3 +213,70 @@ def test_image_urls_are_rejected_naming_the_field(tmp_path):
         assert "not downloaded" in r["reason"] and "img2dataset" in r["reason"]
     assert "field 'conversations[2].value' (task 'chat') names an image by URL ('https://example.com/e.jpg')" \
         in rejects[4]["reason"]
+
+
+def _png16(array: np.ndarray) -> bytes:
+    """A 16-bit PNG (grayscale [h, w] or RGB [h, w, 3]) written by hand: Pillow cannot write 16-bit colour."""
+    import struct
+    import zlib
+    h, w = array.shape[:2]
+    colour = 2 if array.ndim == 3 else 0
+    raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def test_images_the_two_decoders_would_read_differently_are_normalised(tmp_path):
+    """Animated GIF, 16-bit PNG (grey and colour), CMYK JPEG, palette + transparency, RGBA, 1-bit, BMP:
+    what reaches the index is an 8-bit RGB single-frame PNG holding exactly the official transform's pixels
+    (Image.open(file).convert("RGB"), the first frame), which DALI and Pillow decode alike. Plain 8-bit
+    RGB/grey JPEG/PNG/WebP are stored byte for byte; undecodable images are rejected with the reason."""
+    rng = np.random.RandomState(0)
+    noise = Image.fromarray(rng.randint(0, 256, (12, 16, 3), dtype=np.uint8))
+    frames = [Image.new("RGB", (16, 12), c) for c in ("red", "blue", "green")]
+    images = {
+        "animated.gif": _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "grey16.png": _png16((np.arange(12 * 16).reshape(12, 16) * 300).astype(np.uint16)),
+        "rgb16.png": _png16(rng.randint(0, 65536, (12, 16, 3))),
+        "cmyk.jpg": _encoded(Image.new("CMYK", (16, 12), (0, 200, 255, 30)), "JPEG"),
+        "palette.png": _encoded(noise.convert("P"), "PNG", transparency=3),
+        "rgba.png": _encoded(noise.convert("RGBA"), "PNG"),
+        "bilevel.png": _encoded(noise.convert("1"), "PNG"),
+        "bitmap.bmp": _encoded(noise, "BMP"),
+    }
+    kept = {"rgb.jpg": _encoded(noise, "JPEG", quality=90), "grey.png": _encoded(noise.convert("L"), "PNG"),
+            "rgb.webp": _encoded(noise, "WEBP", lossless=True)}
+    broken = {"zero.png": b"", "truncated.png": _encoded(noise, "PNG")[:60], "text.jpg": b"not an image at all"}
+    for name, data in {**images, **kept, **broken}.items():
+        (tmp_path / name).write_bytes(data)
+    names = [*images, *kept, *broken]
+    jsonl = tmp_path / "images.jsonl"
+    jsonl.write_text("".join(json.dumps({"task": "caption", "image": n, "caption": n}) + "\n" for n in names))
+    summary = _load_tool().preprocess([str(jsonl)], "qwen", VOCAB, str(tmp_path / "out"), seq_length=64,
+                                      num_image_tokens=N_IMG, log=io.StringIO())
+    assert summary["records"] == len(names) == summary["written"] + summary["rejected"]
+    assert summary["written"] == len(images) + len(kept) and summary["normalized_images"] == len(images)
+    ds = IndexedDataset(str(tmp_path / "out"))
+    for i, name in enumerate(images):
+        (stored,) = ds[i][2]
+        with Image.open(io.BytesIO(stored)) as im:
+            assert (im.format, im.mode, getattr(im, "n_frames", 1), stored[24]) == ("PNG", "RGB", 1, 8), name
+            pixels = np.asarray(im)
+        with Image.open(tmp_path / name) as original:  # the official transform's decode
+            np.testing.assert_array_equal(pixels, np.asarray(original.convert("RGB")), err_msg=name)
+    assert np.asarray(Image.open(io.BytesIO(ds[0][2][0])))[0, 0].tolist() == [255, 0, 0]  # the first frame
+    for i, name in enumerate(kept, len(images)):
+        assert ds[i][2] == [kept[name]], name
+    rejects = [json.loads(line) for line in open(str(tmp_path / "out") + ".rejects.jsonl")]
+    assert [r["line"] for r in rejects] == [len(images) + len(kept) + k + 1 for k in range(len(broken))]
+    for r, name in zip(rejects, broken):
+        assert f"image {name!r} cannot be decoded: " in r["reason"], r

@@ -77,6 +77,22 @@ def test_terminal_saves_are_proven_and_a_rollback_is_refused(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     assert marker(save) == 2
 
+    # A flipped byte in a shard of the checkpoint --load resolves to: one line naming the file, after the
+    # model is built and before any weight is taken; --no-verify-checksums loads it anyway (#13 item 4).
+    shard = save / "iter_0000002" / "__0_1.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) * 9 // 10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc, out = run("--train-iters", "3", "--lr", "1e-3", "--load", str(save), "--save", str(save))
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"--load: checkpoint {save}/iter_0000002 is damaged: __0_1.distcp has crc32 "), last
+    assert "Traceback" not in proc.stderr
+    proc, out = run("--train-iters", "3", "--lr", "1e-3", "--load", str(save), "--save", str(save),
+                    "--no-verify-checksums")
+    assert proc.returncode == 0, out[-4000:]
+    assert f"loaded {save}/iter_0000002 (iteration 2" in out and marker(save) == 3
+
 
 def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))

@@ -7,7 +7,10 @@ with a ``caption``, or ``question`` + ``answer(s)``) and energon dataset directo
 ``energon prepare``; CaptioningSample / VQASample), the last two read by ``webdataset`` / ``megatron-energon``
 (``qwenvl_megatron/data/webdataset_source.py``). Records are encoded by
 ``qwenvl_megatron.data.formats.encode_record``; every image is decoded with Pillow so a missing or corrupt
-image rejects its record instead of crashing training later.
+image rejects its record instead of crashing training later. Images that Pillow (the official transform)
+and DALI would decode differently (animated, 16-bit, CMYK, palette, alpha, formats other than JPEG/PNG/WebP)
+are stored as the official transform's pixels, an 8-bit RGB PNG of the first frame
+(``qwenvl_megatron.data.images.normalize_image``); the summary counts them.
 
 The input is cut into fixed chunks (``--chunk-size`` records, or one tar / energon shard) whatever the worker count;
 each chunk becomes its own shard dataset and the shards are merged in chunk order, so ``--workers 1`` and
@@ -20,7 +23,6 @@ each chunk becomes its own shard dataset and the shards are merged in chunk orde
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing as mp
 import os
@@ -32,8 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from PIL import Image
-
+from qwenvl_megatron.data.images import CorruptImageError, normalize_image
 from qwenvl_megatron.data.formats import (MalformedRecordError, RecordError, decode_utf8, encode_record,
                                           read_json_list, resolve_image_path)
 from qwenvl_megatron.data.indexed import IndexedDataset, IndexedDatasetWriter, merge_datasets
@@ -61,6 +62,7 @@ class ChunkResult:
     written: int
     rejects: list[dict]
     bytes_written: int
+    normalized: int = 0  # images re-encoded by normalize_image
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -123,14 +125,6 @@ def _init_worker(tokenizer_type: str, tokenizer_model: str, options: dict) -> No
     _STATE.update(options)
 
 
-def check_image(data: bytes) -> None:
-    """Decode fully with Pillow; raises on a truncated or corrupt file."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.verify()
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-
-
 def _encode(record: Any, where: str, load_image) -> tuple[Any, list[bytes]]:
     sample = encode_record(record, _STATE["tokenizer"], _STATE["num_image_tokens"], _STATE["seq_length"],
                            _STATE["too_long"], where=where)
@@ -138,11 +132,13 @@ def _encode(record: Any, where: str, load_image) -> tuple[Any, list[bytes]]:
     for ref in sample.images:
         data = load_image(ref)
         try:
-            check_image(data)
-        except Exception as e:  # Pillow raises many types for bad data
-            detail = _OBJECT_REPR.sub("data", str(e))  # no memory addresses: rejects must be reproducible
-            raise RecordError(f"{where}: image {ref!r} cannot be decoded: {type(e).__name__}: {detail}") from None
-        blobs.append(data)
+            stored, change = normalize_image(data)
+        except CorruptImageError as e:
+            detail = _OBJECT_REPR.sub("data", e.reason)  # no memory addresses: rejects must be reproducible
+            raise RecordError(f"{where}: image {ref!r} cannot be decoded: {detail}") from None
+        if change:
+            _STATE["normalized"] = _STATE.get("normalized", 0) + 1
+        blobs.append(stored)
     return sample, blobs
 
 
@@ -162,6 +158,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     prefix = os.path.join(_STATE["shard_dir"], f"chunk_{chunk.chunk_id:08d}")
     rejects: list[dict] = []
     records = 0
+    normalized_before = _STATE.get("normalized", 0)
     with IndexedDatasetWriter(prefix) as writer:
         if chunk.kind in ("tar", "energon"):
             if chunk.kind == "tar":
@@ -196,7 +193,8 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
                 except RecordError as e:
                     rejects.append({"source": chunk.source, **loc, "reason": str(e)})
         written = len(writer)
-    return ChunkResult(chunk.chunk_id, records, written, rejects, os.path.getsize(prefix + ".bin"))
+    return ChunkResult(chunk.chunk_id, records, written, rejects, os.path.getsize(prefix + ".bin"),
+                       _STATE.get("normalized", 0) - normalized_before)
 
 
 def ordered_map(pool, fn, items: Iterator, max_pending: int) -> Iterator:
@@ -242,7 +240,7 @@ def _preprocess(inputs, tokenizer_type, tokenizer_model, output_prefix, shard_di
                "shard_dir": shard_dir, "split_part": split_part}
     init_args = (tokenizer_type, tokenizer_model, options)
     t0 = time.time()
-    totals = {"records": 0, "written": 0, "rejected": 0}
+    totals = {"records": 0, "written": 0, "rejected": 0, "normalized_images": 0}
     shard_ids: list[int] = []
     next_log = log_interval
     with open(rejects_path + ".tmp", "w", encoding="utf-8") as rejects_file:
@@ -253,6 +251,7 @@ def _preprocess(inputs, tokenizer_type, tokenizer_model, output_prefix, shard_di
                 totals["records"] += res.records
                 totals["written"] += res.written
                 totals["rejected"] += len(res.rejects)
+                totals["normalized_images"] += res.normalized
                 for r in res.rejects:
                     rejects_file.write(json.dumps(r, ensure_ascii=False) + "\n")
                 if totals["records"] >= next_log:
@@ -276,7 +275,9 @@ def _preprocess(inputs, tokenizer_type, tokenizer_model, output_prefix, shard_di
     summary = dict(totals, tokens=merged.num_tokens, images=merged.num_images, seconds=round(elapsed, 2))
     print(f"[preprocess_data] done: {totals['records']} records -> {totals['written']} samples "
           f"({merged.num_tokens} tokens, {merged.num_images} images) in {output_prefix}.bin/.idx; "
-          f"{totals['rejected']} rejected (see {rejects_path}); {elapsed:.1f} s", file=log, flush=True)
+          f"{totals['rejected']} rejected (see {rejects_path}); {totals['normalized_images']} images re-encoded as "
+          f"8-bit RGB PNG (animated, 16-bit, CMYK, palette, alpha or another format); {elapsed:.1f} s",
+          file=log, flush=True)
     return summary
 
 

@@ -16,7 +16,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
   # webdataset / megatron-energon: tools/preprocess_data.py reads WebDataset shards and energon datasets.
   .venv/bin/pip install -q --disable-pip-version-check "megatron-core==0.16.1" numpy psutil safetensors \
-      tiktoken sentencepiece pillow pytest pybind11 setuptools wheel tensorboard pycocoevalcap \
+      tiktoken sentencepiece pillow pytest hypothesis pybind11 setuptools wheel tensorboard pycocoevalcap \
       "webdataset==1.0.2" "megatron-energon==7.4.1"
   # NVIDIA DALI runs its CPU pipelines here (the GPU decoder on clusters); the tests compare it to Pillow.
   .venv/bin/pip install -q --disable-pip-version-check "nvidia-dali-cuda120==2.4.0" \

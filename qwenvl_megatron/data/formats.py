@@ -392,7 +392,7 @@ def record_task(record: Any, where: str | None = None) -> str:
     if "conversations" in record:
         return "chat"
     task = _get(record, "task", "?", where)
-    if task not in _TASK_ENCODERS:
+    if not isinstance(task, str) or task not in _TASK_ENCODERS:  # e.g. "task": [] (unhashable)
         raise MalformedRecordError(f"{_describe(record, where)}: unknown task {task!r}; expected one of "
                                    f"{list(TASKS)} or a ChatML record with 'conversations'")
     return task

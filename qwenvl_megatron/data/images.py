@@ -41,11 +41,14 @@ except Exception:  # noqa: BLE001 - any import failure means "no DALI"
 
 
 class CorruptImageError(ValueError):
-    """An image in a batch could not be decoded; `index` is its position in the batch (None: no batch)."""
+    """An image in a batch could not be decoded; `index` is its position in the batch (None: no batch).
+    `reason` is one line; on the DALI path it holds DALI's failing operator and message, and `dali_error`
+    DALI's whole error text."""
 
     def __init__(self, index: Optional[int], reason: str):
         self.index = index
         self.reason = reason
+        self.dali_error: Optional[str] = None
         where = "image" if index is None else f"image #{index} of the batch"
         super().__init__(f"{where} cannot be decoded: {reason}")
 
@@ -65,6 +68,59 @@ def image_size_of(blob: bytes) -> tuple[int, int]:
             return img.size
     except Exception as e:  # noqa: BLE001 - PIL raises several types for bad bytes
         raise CorruptImageError(None, f"{type(e).__name__}: {e}") from e
+
+
+# What both decoders read the same way: one frame of 8-bit RGB or grayscale in a format DALI decodes.
+AGREED_FORMATS = ("JPEG", "PNG", "WEBP")
+AGREED_MODES = ("RGB", "L")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_bit_depth(blob: bytes) -> Optional[int]:
+    """Bits per sample from a PNG's IHDR (Pillow reads 16-bit RGB as mode RGB, so the mode cannot tell)."""
+    if blob[:8] == _PNG_SIGNATURE and blob[12:16] == b"IHDR" and len(blob) > 24:
+        return blob[24]
+    return None
+
+
+def normalize_image(blob: bytes) -> tuple[bytes, Optional[str]]:
+    """Make an image mean the same to Pillow and to DALI: `(bytes to store, what was changed or None)`.
+
+    Kept byte for byte: one frame of 8-bit RGB or grayscale JPEG, PNG or WebP. Anything else is replaced
+    by what the official transform sees, `Image.open(...).convert("RGB")` (the first frame), stored as an
+    8-bit RGB PNG: animated GIF/PNG/WebP (DALI refuses GIF, and decodes frames differently), 16-bit PNG
+    (Pillow clips 16-bit grayscale at 255 and keeps the high byte of 16-bit colour; DALI rescales),
+    CMYK JPEG, palette, alpha and 1-bit images, other formats (BMP, TIFF, ...). Raises
+    `CorruptImageError` for bytes Pillow cannot fully decode (truncated, zero-byte, not an image)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)) or len(blob) == 0:
+        raise CorruptImageError(None, "empty or not bytes")
+    blob = bytes(blob)
+    try:
+        with Image.open(io.BytesIO(blob)) as img:
+            img.verify()
+        with Image.open(io.BytesIO(blob)) as img:
+            changes = []
+            if img.format not in AGREED_FORMATS:
+                changes.append(f"{img.format} image")
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                changes.append(f"{frames} frames (the first kept)")
+            if img.mode not in AGREED_MODES:
+                changes.append(f"mode {img.mode}")
+            depth = _png_bit_depth(blob)
+            if depth not in (None, 8):
+                changes.append(f"{depth}-bit PNG")
+            img.load()  # the full decode of the first frame: truncated files fail here
+            if not changes:
+                return blob, None
+            rgb = img.convert("RGB")
+    except CorruptImageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad data
+        raise CorruptImageError(None, f"{type(e).__name__}: {e}") from e
+    out = io.BytesIO()
+    rgb.save(out, format="PNG")
+    return out.getvalue(), "re-encoded as 8-bit RGB PNG: " + ", ".join(changes)
 
 
 def _check_header(blob: bytes, index: int) -> None:
@@ -292,6 +348,8 @@ class ImageTransform:
                 try:
                     good.append(self._dali_run([blobs[i]]))
                 except Exception as e:  # noqa: BLE001
-                    self._fail(CorruptImageError(offset + i, _dali_reason(e)), bad)
+                    err = CorruptImageError(offset + i, _dali_reason(e))
+                    err.dali_error = str(e)  # DALI's whole text, for the log
+                    self._fail(err, bad)
         bad.sort()
         return (torch.cat(good) if good else self._empty()), bad

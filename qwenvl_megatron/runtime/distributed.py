@@ -27,17 +27,17 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
     from megatron.core import parallel_state, tensor_parallel as mtp
 
     cpu_compat.enable_cpu_compat()
+    launched = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+    rank, world, local_rank = launch_env(launched)
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        # Under torchrun the env says where the store is; a plain process is a world of one on a free
-        # port (not written into os.environ, so the tools it starts do not inherit a port in use).
-        launched = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+        # Under torchrun (or srun) the env says where the store is; a plain process is a world of one on a
+        # free port (not written into os.environ, so the tools it starts do not inherit a port in use).
         dist.init_process_group(
             backend="nccl" if torch.cuda.is_available() else "gloo",
             init_method="env://" if launched else f"tcp://127.0.0.1:{_free_port()}",
-            rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     world = dist.get_world_size()
     if world % (tensor_parallel * pipeline_parallel):
@@ -50,6 +50,16 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
     mtp.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     return device()
+
+
+def launch_env(launched: bool) -> tuple[int, int, int]:
+    """(rank, world size, local rank): torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else, for one process per
+    task started by a bare `srun` with MASTER_ADDR and MASTER_PORT exported, SLURM_PROCID / SLURM_NTASKS /
+    SLURM_LOCALID."""
+    env = os.environ
+    if "RANK" in env or not launched or "SLURM_PROCID" not in env:
+        return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+    return int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS", "1")), int(env.get("SLURM_LOCALID", "0"))
 
 
 def _free_port() -> int:

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite-checkpoints", action="store_true",
                    help="allow a run to write into a --save directory whose marker names a newer iteration than "
                         "the run starts from (moving the marker back); refused without it")
+    g.add_argument("--no-verify-checksums", dest="verify_checksums", action="store_false",
+                   help="load --load without checking its files against the checksums.json written at save "
+                        "(checked by default: a damaged file is refused by name)")
     g.add_argument("--save-interval", type=int, default=1000)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir")

@@ -25,6 +25,12 @@ marker (written, fsynced, renamed, directory fsynced). A crash mid-save leaves t
 current; the next successful save removes the `iter_*.tmp` it left. The trainer saves with
 `move_marker=False` and calls `mark_proven` once a finite loss on the weights proves them. A failed save
 raises `CheckpointSaveError` on every rank: one line with the errno, the path and the free space.
+
+Every file of a checkpoint has its size and CRC-32 in `checksums.json` (each rank hashes the shards it
+wrote, rank 0 the rest, before the rename); loads verify them first (`verify_checksums=False` skips it) and
+refuse a damaged file by name. Saves write in this process (megatron's torch_dist format through
+`_InProcessSaveStrategy`): no writer process, no spawn manager, no resource tracker, so a SIGTERM sent to
+the whole process group (torchrun, Slurm) reaches only the trainer, whose save goes on.
 """
 from __future__ import annotations
 
@@ -32,16 +38,22 @@ import errno
 import glob
 import json
 import os
+import queue
 import re
 import resource
 import shutil
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, is_dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -50,6 +62,7 @@ from .step import unwrap
 
 MARKER = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG = "model_config.json"
+CHECKSUMS = "checksums.json"  # {"algorithm": "crc32", "files": {name: {"size": n, "crc32": "8 hex"}}}
 FORMAT_VERSION = 1
 # Reshardable over TP, PP and DP (megatron's default for the distributed optimizer is DP-only).
 _SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -314,6 +327,116 @@ def _remove_stale_temps(save_dir: str) -> list[str]:
     return stale
 
 
+# ---------------------------------------------------------------------- in-process writer, checksums
+class _InProcessSaveStrategy(TorchDistSaveShardedStrategy):
+    """megatron's torch_dist save (same files, same format) with the shard files written by threads of
+    this process. megatron's FileSystemWriterAsync forks one writer process per file and collects their
+    results through a spawn-context `multiprocessing.Manager` (a server process plus the resource tracker,
+    started at the first save of a process: 4-20 s of re-importing the trainer). Those helpers share the
+    trainer's process group, so a group-wide SIGTERM (torchrun's, Slurm's) killed them mid-save
+    (BrokenPipeError); a forked writer inherited the trainer's SIGTERM handler; a SIGKILLed rank left them
+    behind. Here none of them exists."""
+
+    def async_save(self, sharded_state_dict, checkpoint_dir):
+        # prepare_write_data asks filesystem_async for the Manager's queue; hand it a placeholder instead
+        # (replaced by a thread queue in _get_save_and_finalize_callbacks), so no Manager is started.
+        before = filesystem_async._results_queue
+        filesystem_async._results_queue = _NO_MANAGER
+        try:
+            return super().async_save(sharded_state_dict, checkpoint_dir)
+        finally:
+            filesystem_async._results_queue = before
+
+    def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
+        request = super()._get_save_and_finalize_callbacks(writer, save_state_dict_ret)
+        if request.async_fn is None:  # nothing to write on this rank
+            return request
+        writer.results_queue = queue.SimpleQueue()  # read back by writer.retrieve_write_results
+        rank, buckets, _ = request.async_fn_args
+        transforms = [writer.transforms] if hasattr(writer, "transforms") else []
+        return request._replace(async_fn=partial(_write_buckets, transforms),
+                                async_fn_args=[rank, buckets, writer.results_queue])
+
+
+_NO_MANAGER = object()
+
+
+def _write_buckets(transforms: list, rank: int, buckets: list, results_queue) -> None:
+    """What megatron's write_preloaded_data_multiproc does, with threads instead of forked processes:
+    each bucket (one file) written and fsynced by megatron's own write_preloaded_data; the results, or
+    the first error, go to `results_queue`."""
+    local, count = queue.Queue(), queue.Queue()
+    for i in range(len(buckets)):
+        count.put(i)
+    write = filesystem_async.FileSystemWriterAsync.write_preloaded_data
+    with ThreadPoolExecutor(max_workers=len(buckets), thread_name_prefix="ckpt-writer") as pool:
+        for future in [pool.submit(write, transforms, i, bucket, local, count, True)
+                       for i, bucket in enumerate(buckets)]:
+            future.result()
+    results: dict = {}
+    while not local.empty():
+        index, result = local.get()
+        if isinstance(result, Exception):
+            results_queue.put(result)
+            return
+        results[index] = result
+    results_queue.put(results)
+
+
+def _file_checksum(path: str) -> dict:
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 2**20):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def _own_shards(tmp: str) -> list[str]:
+    """The shard files this rank wrote (megatron names them __<rank>_<n>.distcp)."""
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(tmp), f"__{_rank()}_*.distcp")))
+
+
+def _all_gather(obj) -> list:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, obj)
+        return parts
+    return [obj]
+
+
+def verify_checksums(path: str) -> None:
+    """Collective. Compare every file of checkpoint directory `path` with its size and CRC-32 recorded in
+    checksums.json (the files are split over the ranks); raise CheckpointError naming each damaged or
+    missing file. A checkpoint without checksums.json (written before they were recorded) passes."""
+    sums_path = os.path.join(path, CHECKSUMS)
+    problems: list[str] = []
+    names: list[str] = []
+    if os.path.isfile(sums_path):
+        try:
+            with open(sums_path, "rb") as f:
+                files = json.loads(f.read().decode("utf-8"))["files"]
+            names = sorted(files)
+        except (ValueError, KeyError, TypeError) as e:
+            problems.append(f"{CHECKSUMS} itself is unreadable ({type(e).__name__}: {e})")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not problems:
+        for name in names[_rank()::world]:
+            full, want = os.path.join(path, name), files[name]
+            if not os.path.isfile(full):
+                problems.append(f"{name} is missing")
+                continue
+            got = _file_checksum(full)
+            if got["size"] != want.get("size"):
+                problems.append(f"{name} has {got['size']} bytes, {want.get('size')} recorded")
+            elif got["crc32"] != want.get("crc32"):
+                problems.append(f"{name} has crc32 {got['crc32']}, {want.get('crc32')} recorded")
+    problems = sorted(set().union(*map(set, _all_gather(problems))))
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems)} (checked against {CHECKSUMS} "
+                              f"written at save; --no-verify-checksums loads it anyway)")
+
+
 def _save(state: dict, save_dir: str, iteration: int, cfg: QwenVLConfig, move_marker: bool = True) -> str:
     final = iter_dir(save_dir, iteration)
     tmp = final + ".tmp"
@@ -328,15 +451,27 @@ def _save(state: dict, save_dir: str, iteration: int, cfg: QwenVLConfig, move_ma
             error = e
     _agree_ok(error, tmp, what)
     try:
-        dist_checkpointing.save(state, tmp)
+        dist_checkpointing.save(state, tmp, sharded_strategy=_InProcessSaveStrategy("torch_dist", 1))
     # torch's CheckpointException derives from BaseException, not Exception
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised with errno, path, free space
         error = e
     _agree_ok(error, tmp, what)
+    sums: dict = {}
+    try:  # each rank hashes the shards it wrote (from the page cache); rank 0 adds the rest below
+        sums = {name: _file_checksum(os.path.join(tmp, name)) for name in _own_shards(tmp)}
+    except OSError as e:
+        error = e
+    _agree_ok(error, tmp, what)
+    sums = {k: v for part in _all_gather(sums) for k, v in part.items()}
     if _rank() == 0:
         try:
             with open(os.path.join(tmp, MODEL_CONFIG), "w") as f:
                 json.dump(cfg.to_hf_config(), f, indent=2)
+            for name in sorted(os.listdir(tmp)):
+                if name not in sums and name != CHECKSUMS and os.path.isfile(os.path.join(tmp, name)):
+                    sums[name] = _file_checksum(os.path.join(tmp, name))
+            with open(os.path.join(tmp, CHECKSUMS), "w") as f:
+                json.dump({"algorithm": "crc32", "files": dict(sorted(sums.items()))}, f, indent=1)
             _fsync_tree(tmp)  # every rank's files reached the disk before the name says they did
             if os.path.exists(final):  # re-saving an iteration: replace it whole
                 shutil.rmtree(final)
@@ -439,10 +574,14 @@ def _common(path: str) -> dict:
         raise CheckpointError(f"cannot read the common state of checkpoint {path}: {e}") from e
 
 
-def load_model_weights(model_chunks: list, path: str, iteration: int | None = None) -> dict:
+def load_model_weights(model_chunks: list, path: str, iteration: int | None = None,
+                       verify: bool = True) -> dict:
     """Copy a checkpoint's weights into the model (any TP/PP layout). Returns its common state
-    (iteration, args, ...). Optimizer state in the checkpoint, if any, is ignored."""
+    (iteration, args, ...). Optimizer state in the checkpoint, if any, is ignored. Collective; with
+    `verify` every file is first checked against checksums.json."""
     ckpt = resolve_checkpoint_dir(path, iteration)
+    if verify:
+        verify_checksums(ckpt)
     model = unwrap(model_chunks[0])
     check_model_config(ckpt, model.cfg)
     loaded = _load({"model": _model_state(model_chunks)}, ckpt)
@@ -453,17 +592,20 @@ def load_model_weights(model_chunks: list, path: str, iteration: int | None = No
 
 
 def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=None,
-                    iteration: int | None = None, weights_only: bool = False) -> dict:
+                    iteration: int | None = None, weights_only: bool = False, verify: bool = True) -> dict:
     """Resume: weights, then (unless `weights_only`) optimizer, scheduler and, on the same layout, RNG.
 
     Returns {"iteration", "consumed_samples", "args", "layout", "path"}; weights_only gives iteration 0
-    and consumed_samples 0 (a new stage starts counting afresh).
+    and consumed_samples 0 (a new stage starts counting afresh). Collective; with `verify` every file is
+    first checked against checksums.json.
     """
     ckpt = resolve_checkpoint_dir(path, iteration)
+    if verify:
+        verify_checksums(ckpt)
     check_model_config(ckpt, unwrap(model_chunks[0]).cfg)
     common = _common(ckpt)
     if weights_only:
-        load_model_weights(model_chunks, ckpt)
+        load_model_weights(model_chunks, ckpt, verify=False)
         return {"iteration": 0, "consumed_samples": 0, "args": common.get("args", {}),
                 "layout": common.get("layout"), "path": ckpt}
     if "consumed_samples" not in common:
@@ -492,4 +634,4 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
 
 __all__ = ["CheckpointError", "CheckpointSaveError", "mark_proven", "describe_save_error", "save_checkpoint", "load_checkpoint", "save_model_weights", "load_model_weights",
            "read_model_config", "check_model_config", "config_differences", "latest_iteration",
-           "resolve_checkpoint_dir", "iter_dir", "MARKER", "MODEL_CONFIG"]
+           "resolve_checkpoint_dir", "iter_dir", "verify_checksums", "MARKER", "MODEL_CONFIG", "CHECKSUMS"]

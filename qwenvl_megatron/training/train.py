@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 from ..data.images import ImageTransform
 from ..data.loader import MicroBatchLoader, MockLoader, gather_images
 from ..runtime import device as runtime_device, initialize
+from ..runtime.distributed import launch_env
 from . import checkpoint as ckpt
 from .arguments import args_record, parse_args
 from .layout import Layout, LayoutError, batch_flops, dry_run_report, parallel_plan, plan_layout
@@ -200,7 +201,11 @@ def train(args, layout: Layout) -> dict:
         if not have and args.save and os.path.abspath(args.load) == os.path.abspath(args.save):
             log(f"no checkpoint in {args.load} yet: starting from scratch")
         else:
-            info = ckpt.load_checkpoint(args.load, model, optimizer, scheduler, weights_only=args.load_weights_only)
+            try:
+                info = ckpt.load_checkpoint(args.load, model, optimizer, scheduler,
+                                            weights_only=args.load_weights_only, verify=args.verify_checksums)
+            except ckpt.CheckpointError as e:
+                raise SystemExit(f"--load: {e}") from None
             iteration, consumed = info["iteration"], info["consumed_samples"]
             log(f"loaded {'weights from ' if args.load_weights_only else ''}{info['path']} "
                 f"(iteration {iteration}, consumed samples {consumed})")
@@ -392,7 +397,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     check_wandb(args)
     if not args.dry_run:
         check_no_rollback(args, planned_start_iteration(args))
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    launched = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+    world = args.world_size or launch_env(launched)[1]  # torchrun's WORLD_SIZE, or a bare srun's SLURM_NTASKS
     try:
         layout = plan_layout(args, world)
     except LayoutError as e:
