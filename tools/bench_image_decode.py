@@ -13,14 +13,13 @@ import io
 import sys
 import time
 
-import numpy as np
-import torch
-from PIL import Image
-
-from qwenvl_megatron.data.images import DALI_AVAILABLE, ImageTransform
+# numpy, torch, Pillow and the package are imported where they are used: `--help` stays fast.
 
 
 def make_jpegs(n: int, width: int, height: int, seed: int = 0) -> list[bytes]:
+    import numpy as np
+    from PIL import Image
+
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     out = []
@@ -34,7 +33,9 @@ def make_jpegs(n: int, width: int, height: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def bench(transform: ImageTransform, blobs: list[bytes], batch_size: int, repeats: int) -> float:
+def bench(transform, blobs: list[bytes], batch_size: int, repeats: int) -> float:
+    import torch
+
     transform(blobs[:batch_size])  # warm-up: thread pool / pipeline build
     if transform.device.type == "cuda":
         torch.cuda.synchronize()
@@ -60,6 +61,10 @@ def main(argv=None) -> int:
         w, h = (int(v) for v in args.source_size.lower().split("x"))
     except ValueError:
         p.error(f"--source-size must be WxH, got {args.source_size!r}")
+    import torch
+
+    from qwenvl_megatron.data.images import DALI_AVAILABLE, ImageTransform
+
     blobs = make_jpegs(args.num_images, w, h)
     print(f"{args.num_images} JPEGs {w}x{h} -> {args.image_size}x{args.image_size}, batch {args.batch_size}, "
           f"{args.num_threads} threads", flush=True)

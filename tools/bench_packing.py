@@ -26,22 +26,17 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from qwenvl_megatron.data import synthetic  # noqa: E402
-from qwenvl_megatron.data.formats import encode_record, iter_records, record_task, record_texts, resolve_image_path  # noqa: E402
-from qwenvl_megatron.data.images import ImageTransform  # noqa: E402
-from qwenvl_megatron.data.indexed import IndexedDatasetWriter  # noqa: E402
-from qwenvl_megatron.data.loader import MicroBatchLoader  # noqa: E402
-from qwenvl_megatron.data.tokenizer import build_tokenizer, train_sentencepiece  # noqa: E402
-from qwenvl_megatron.models.config import tiny  # noqa: E402
-
+# numpy, torch and the package are imported where they are used: `--help` stays fast.
 IMAGE_TOKENS = 256
 
 
 def build_data(work: str, num_train: int, seed: int) -> tuple[list[str], list[float], object]:
     """Corpus, tokenizer and one indexed dataset per stage-2 task -> (prefixes, weights, tokenizer)."""
+    from qwenvl_megatron.data import synthetic
+    from qwenvl_megatron.data.formats import encode_record, iter_records, record_task, record_texts, resolve_image_path
+    from qwenvl_megatron.data.indexed import IndexedDatasetWriter
+    from qwenvl_megatron.data.tokenizer import build_tokenizer, train_sentencepiece
+
     data = os.path.join(work, "corpus")
     synthetic.generate_corpus(data, seed=seed, num_train=num_train, num_heldout=0, image_size=112, progress=None)
     records = list(iter_records(os.path.join(data, "stage2.jsonl")))
@@ -68,6 +63,8 @@ def build_data(work: str, num_train: int, seed: int) -> tuple[list[str], list[fl
 
 
 def model_config(tok, seq_length: int):
+    from qwenvl_megatron.models.config import tiny
+
     cfg = tiny(vocab_size=tok.vocab_size, image_start_id=tok.img_start_id)
     return cfg.replace(adapter={"num_queries": IMAGE_TOKENS},
                        llm={"max_position_embeddings": max(seq_length, cfg.llm.max_position_embeddings),
@@ -93,6 +90,8 @@ def scale(json_path: str, samples: int = 76_800_000, rows: int = 4096, seq: int 
     image span plus text; a memory-mapped file stands in for the .idx lengths, as in training), a global
     batch of 4096 rows of 2048, resumed 90% into 19,000 iterations. Set-up time, per-batch packing time,
     memory beside the index."""
+    import numpy as np
+
     from qwenvl_megatron.data.packing import Packer
     from qwenvl_megatron.data.sampler import SampleOrder
     sizes = [samples // 7] * 6 + [samples - 6 * (samples // 7)]
@@ -152,6 +151,11 @@ def main(argv=None) -> int:
     if a.stage2_scale:
         scale(a.json)
         return 0
+    import torch
+
+    from qwenvl_megatron.data.images import ImageTransform
+    from qwenvl_megatron.data.loader import MicroBatchLoader
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     tmp = None if a.work else tempfile.TemporaryDirectory(prefix="bench_packing_")
     work = a.work or tmp.name

@@ -14,13 +14,13 @@ import os
 import sys
 import time
 
-import numpy as np
-import psutil
-
-from qwenvl_megatron.data.sampler import DataParallelSampler, SampleOrder
-
 
 def run_rank(rank: int, args: argparse.Namespace, queue) -> None:
+    import numpy as np
+    import psutil
+
+    from qwenvl_megatron.data.sampler import DataParallelSampler, SampleOrder
+
     proc = psutil.Process(os.getpid())
     rss0 = proc.memory_info().rss
     t0 = time.perf_counter()

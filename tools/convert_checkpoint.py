@@ -17,9 +17,9 @@ import argparse
 import os
 import sys
 
-from qwenvl_megatron.convert.hf_layout import UnknownKeyError
-from qwenvl_megatron.convert.hf_checkpoint import HFCheckpointError, progress_printer, validate_hf_dir
 from qwenvl_megatron.convert.launcher import fail, relaunch, under_torchrun
+
+# The conversion code (torch, megatron) is imported after the arguments are parsed: `--help` stays fast.
 
 TOOL = "convert_checkpoint"
 
@@ -66,6 +66,7 @@ def parse_args(argv):
 def preflight(args):
     """Checks done once, before ranks start; returns the config for import-init."""
     if args.command == "hf-to-mcore":
+        from qwenvl_megatron.convert.hf_checkpoint import validate_hf_dir
         cfg, _ = validate_hf_dir(args.hf_dir)
         from qwenvl_megatron.models.parallel import ParallelPlan
         ParallelPlan(tensor_parallel=args.tp, pipeline_parallel=args.pp).validate(cfg)
@@ -73,6 +74,7 @@ def preflight(args):
         from qwenvl_megatron.training.checkpoint import read_model_config
         read_model_config(args.load)
         if args.tokenizer_file and not os.path.isfile(args.tokenizer_file):
+            from qwenvl_megatron.convert.hf_checkpoint import HFCheckpointError
             raise HFCheckpointError(f"--tokenizer-file {args.tokenizer_file} does not exist")
         from qwenvl_megatron.convert.hf_checkpoint import remote_ref
         remote_ref(args.code_repo, "")
@@ -84,6 +86,7 @@ def preflight(args):
 
 def run(args):
     from qwenvl_megatron.convert import conversion
+    from qwenvl_megatron.convert.hf_checkpoint import progress_printer
     from qwenvl_megatron.runtime import initialize
 
     initialize(args.tp, args.pp, seed=getattr(args, "seed", 1234))
@@ -105,6 +108,9 @@ def run(args):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    from qwenvl_megatron.convert.hf_checkpoint import HFCheckpointError
+    from qwenvl_megatron.convert.hf_layout import UnknownKeyError
+
     errors = (HFCheckpointError, UnknownKeyError, KeyError, ValueError, FileNotFoundError, RuntimeError)
     if not under_torchrun():
         try:

@@ -8,12 +8,7 @@ grouped as the HF layout groups them.
 import argparse
 import json
 
-import torch
-
 from qwenvl_megatron.models.config import PRESETS, QwenVLConfig, get_preset
-from qwenvl_megatron.models.parallel import ParallelPlan
-from qwenvl_megatron.models.qwen_vl import QwenVLModel, parameter_counts
-from qwenvl_megatron.runtime import initialize
 
 
 def main():
@@ -26,6 +21,12 @@ def main():
             cfg = QwenVLConfig.from_hf_config(json.load(f))
     else:
         cfg = get_preset(args.model)
+    import torch
+
+    from qwenvl_megatron.models.parallel import ParallelPlan
+    from qwenvl_megatron.models.qwen_vl import QwenVLModel, parameter_counts
+    from qwenvl_megatron.runtime import initialize
+
     initialize(1, 1)
     with torch.device("meta"):
         model = QwenVLModel(cfg, ParallelPlan())

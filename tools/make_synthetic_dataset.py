@@ -12,8 +12,6 @@ import json
 import os
 import sys
 
-from qwenvl_megatron.data.synthetic import generate_corpus, print_progress
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,6 +23,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
+    from qwenvl_megatron.data.synthetic import generate_corpus, print_progress  # numpy, Pillow: after parsing
+
     try:
         summary = generate_corpus(args.out, seed=args.seed, num_train=args.num_train, num_heldout=args.num_heldout,
                                   image_size=args.image_size, workers=args.workers,

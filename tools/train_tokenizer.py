@@ -14,11 +14,12 @@ import os
 import sys
 import time
 
-from qwenvl_megatron.data.formats import TEMPLATE_TEXTS, iter_records, record_texts
-from qwenvl_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+# The package's data modules (numpy, sentencepiece) are imported after the arguments are parsed.
 
 
 def read_sentences(paths: list[str], max_sentences: int | None) -> list[str]:
+    from qwenvl_megatron.data.formats import iter_records, record_texts
+
     sentences: list[str] = []
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-sentences", type=int, default=None, help="use at most this many sentences")
     parser.add_argument("--verbose", action="store_true", help="show sentencepiece's own training log")
     args = parser.parse_args(argv)
+    from qwenvl_megatron.data.formats import TEMPLATE_TEXTS
+    from qwenvl_megatron.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
     sentences = read_sentences(args.input, args.max_sentences)
     if not sentences:

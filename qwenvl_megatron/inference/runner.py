@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..data.tokenizer import Tokenizer, build_tokenizer, default_qwen_vocab_path
 from ..models.config import QwenVLConfig
-from .generation import greedy_generate
+
+# torch and megatron are imported inside the functions that run a model: the tools' argument parsing
+# (add_model_args) imports this module and must stay fast.
+if TYPE_CHECKING:
+    import torch
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -70,6 +73,8 @@ def load_images(paths: list[str], image_size: int, device=None) -> torch.Tensor 
     """Files -> [n, 3, S, S] CLIP-normalised (the training transform, Pillow backend)."""
     if not paths:
         return None
+    import torch
+
     from ..data.images import ImageTransform
 
     blobs = []
@@ -98,6 +103,10 @@ class Answer:
 def generate_all(model, cfg: QwenVLConfig, tok: Tokenizer, prompts: list[Prompt], max_new_tokens: int,
                  batch_size: int = 8, use_cache: bool = True, progress=None) -> list[Answer]:
     """Greedy answers for every prompt, in order; prompts of equal length are decoded together."""
+    import torch
+
+    from .generation import greedy_generate
+
     device = next(model.parameters()).device
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_compat
+from .layer_impl import note_fallbacks
 
 
 def device() -> torch.device:
@@ -49,6 +50,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
                                              pipeline_model_parallel_size=pipeline_parallel)
     mtp.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
+    note_fallbacks(dist.get_rank())  # megatron's TE/apex warnings, said once (runtime/layer_impl.py)
     return device()
 
 

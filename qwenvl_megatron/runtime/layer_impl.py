@@ -2,17 +2,67 @@
 
 The one place that probes optional GPU packages. An installed-but-broken package (for example TE without
 its CUDA libraries) counts as absent instead of crashing the import, hence `except Exception`.
+
+It also speaks for megatron-core about them: megatron warns at import, once per module, that Transformer
+Engine and apex are missing (five UserWarnings on a CPU machine). `quiet_megatron_fallback_warnings()`
+(installed by the package's `__init__`, before anything imports megatron) drops those, and
+`note_fallbacks()` (called by `runtime.initialize`) says it once per process, on rank 0, in one line.
+
+Imports nothing heavy at module level (torch is imported inside the probes): the tools' argument parsing
+reaches this module through the package `__init__`.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import sys
+import warnings
 
-import torch
+# megatron-core's import-time UserWarnings about missing optional packages (fsdp mixed_precision,
+# optimizer/__init__, optimizer/optimizer, clip_grads; models/backends and the layer specs for apex).
+MEGATRON_FALLBACK_WARNINGS = (r"Transformer Engine and Apex are not installed",
+                              r"Apex is not installed\. Falling back to Torch Norm")
+FALLBACK_NOTE = ("note: Transformer Engine and apex are not installed: megatron-core uses its PyTorch fallbacks "
+                 "(fine on CPU; on GPUs install the gpu extras: pip install -e .[gpu])")
+_noted = False
+
+
+def quiet_megatron_fallback_warnings() -> None:
+    """Ignore megatron-core's warnings about absent Transformer Engine / apex (`note_fallbacks` says it once)."""
+    for message in MEGATRON_FALLBACK_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning, module=r"megatron\.")
+
+
+def note_fallbacks(rank: int | None = None, file=None) -> bool:
+    """Print FALLBACK_NOTE once per process, on rank 0, when megatron-core is imported and neither Transformer
+    Engine nor apex is. Returns True when it printed."""
+    global _noted
+    if _noted or "megatron.core" not in sys.modules:
+        return False
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    if rank != 0 or have_transformer_engine_package() or have_apex():
+        return False
+    _noted = True
+    print(FALLBACK_NOTE, file=file or sys.stderr, flush=True)
+    return True
+
+
+@functools.lru_cache(None)
+def have_transformer_engine_package() -> bool:
+    """Transformer Engine imports (whether or not there is a GPU to run it): megatron uses its optimizers."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        return True
+    except Exception:
+        return False
 
 
 @functools.lru_cache(None)
 def have_transformer_engine() -> bool:
+    import torch
+
     if not torch.cuda.is_available():
         return False
     try:
@@ -61,6 +111,8 @@ def available_fusions() -> frozenset:
       e.g. the LM head, refuse the flag without it, even under TE);
     - persist_layer_norm: apex's persistent LayerNorm.
     """
+    import torch
+
     if not torch.cuda.is_available():
         return frozenset()
     names = {"bias_activation_fusion", "bias_dropout_fusion"}

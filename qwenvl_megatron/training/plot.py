@@ -1,0 +1,129 @@
+"""Training curves per stage from TensorBoard event files, drawn to one PNG (tools/plot_training.py).
+
+A run directory holds one subdirectory per stage, each with the event files that `--tensorboard-dir`
+wrote (the demo: WORK/tensorboard/{warmup,stage1,stage2,stage3}); a directory that holds event files
+itself is one stage. Rows are stages, in the order they ran (first event's wall time); columns are
+METRICS. Event files are read with tensorboard's EventAccumulator. The PNG comes from matplotlib when it
+imports, else from the package's own renderer (training/lineplot.py, numpy + zlib).
+"""
+from __future__ import annotations
+
+import os
+
+# (TensorBoard tag written by training/train.py, panel title)
+METRICS = (("train/loss", "loss"), ("train/lr", "learning rate"), ("train/grad_norm", "grad norm"),
+           ("train/samples_per_s", "samples/s"))
+PANEL_W, PANEL_H = 300, 170
+EVENT_PREFIX = "events.out.tfevents."
+
+
+class NoEventsError(ValueError):
+    pass
+
+
+def find_stage_dirs(run_dir: str) -> dict[str, str]:
+    """{stage name: directory} for every directory under run_dir that holds event files. The name is the
+    path below run_dir (a trailing `tensorboard` component dropped: checkpoints/<stage>/tensorboard)."""
+    if not os.path.isdir(run_dir):
+        raise NoEventsError(f"{run_dir}: not a directory")
+    stages = {}
+    for d, subdirs, files in os.walk(run_dir):
+        subdirs.sort()
+        if any(f.startswith(EVENT_PREFIX) for f in files):
+            rel = os.path.relpath(d, run_dir)
+            parts = [p for p in rel.split(os.sep) if p != "."]
+            if len(parts) > 1 and parts[-1] == "tensorboard":
+                parts = parts[:-1]
+            stages["/".join(parts) or os.path.basename(os.path.abspath(run_dir))] = d
+    if not stages:
+        raise NoEventsError(f"{run_dir}: no TensorBoard event files ({EVENT_PREFIX}*) in it or below it; "
+                            f"train with --tensorboard-dir DIR/<stage>")
+    return stages
+
+
+def read_scalars(directory: str) -> tuple[dict[str, tuple[list, list]], float]:
+    """({tag: (steps, values)}, first wall time) of the event files in one directory; a step logged twice
+    (a resumed run) keeps its last value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(directory, size_guidance={"scalars": 0})
+    acc.Reload()
+    out, first = {}, float("inf")
+    for tag in acc.Tags().get("scalars", []):
+        by_step = {}
+        for e in acc.Scalars(tag):
+            by_step[e.step] = e.value
+            first = min(first, e.wall_time)
+        steps = sorted(by_step)
+        out[tag] = (steps, [by_step[s] for s in steps])
+    return out, first
+
+
+def read_run(run_dir: str) -> list[tuple[str, dict]]:
+    """[(stage, {tag: (steps, values)})] in the order the stages ran."""
+    stages = []
+    for name, d in find_stage_dirs(run_dir).items():
+        scalars, first = read_scalars(d)
+        stages.append((first, name, scalars))
+    stages.sort(key=lambda s: (s[0], s[1]))
+    return [(name, scalars) for _, name, scalars in stages]
+
+
+def figure_size(num_stages: int) -> tuple[int, int]:
+    """(width, height) in pixels of the plot of `num_stages` stages (the numpy renderer)."""
+    return PANEL_W * len(METRICS), PANEL_H * num_stages
+
+
+def render(stages: list[tuple[str, dict]], out_png: str, backend: str = "auto") -> str:
+    """Draw the grid to `out_png`; returns the backend used ('matplotlib' or 'numpy')."""
+    if backend == "auto":
+        try:
+            import matplotlib  # noqa: F401
+            backend = "matplotlib"
+        except ImportError:
+            backend = "numpy"
+    if backend == "matplotlib":
+        _render_matplotlib(stages, out_png)
+    else:
+        _render_numpy(stages, out_png)
+    return backend
+
+
+def _render_numpy(stages, out_png):
+    from .lineplot import Canvas
+
+    canvas = Canvas(*figure_size(len(stages)))
+    for row, (name, scalars) in enumerate(stages):
+        for col, (tag, title) in enumerate(METRICS):
+            steps, values = scalars.get(tag, ([], []))
+            canvas.panel(col * PANEL_W, row * PANEL_H, PANEL_W, PANEL_H, f"{name}: {title}", steps, values)
+    canvas.save_png(out_png)
+
+
+def _render_matplotlib(stages, out_png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width, height = figure_size(len(stages))
+    fig, axes = plt.subplots(len(stages), len(METRICS), figsize=(width / 100, height / 100), dpi=100,
+                             squeeze=False)
+    for row, (name, scalars) in enumerate(stages):
+        for col, (tag, title) in enumerate(METRICS):
+            ax = axes[row][col]
+            steps, values = scalars.get(tag, ([], []))
+            ax.plot(steps, values, linewidth=1.2)
+            ax.set_title(f"{name}: {title}", fontsize=8)
+            ax.tick_params(labelsize=6)
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def plot_training(run_dir: str, out_png: str | None = None, backend: str = "auto") -> tuple[str, list[str], str]:
+    """Read run_dir's stages and write the PNG (default RUN_DIR/training.png). Returns (path, stages, backend)."""
+    stages = read_run(run_dir)
+    out_png = out_png or os.path.join(run_dir, "training.png")
+    used = render(stages, out_png, backend)
+    return out_png, [name for name, _ in stages], used
