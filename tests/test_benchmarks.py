@@ -98,3 +98,13 @@ def test_peak_table_and_cpu_measurement():
     assert table_peak("NVIDIA A100-SXM4-80GB", bf16=False) == 156.0 and table_peak("Some GPU") is None
     peak, source = detect_peak_tflops("cpu", seconds=0.05)
     assert peak > 0 and "measured" in source
+
+
+def test_measuring_the_peak_leaves_the_seeded_rng_alone():
+    """The trainer measures a CPU's peak before building the model: the initial weights must not depend on it."""
+    import torch
+    from qwenvl_megatron.runtime.peak import measure_matmul_tflops
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    assert measure_matmul_tflops(seconds=0.05, n=64) > 0
+    assert torch.equal(torch.get_rng_state(), state)

@@ -34,8 +34,11 @@ def measure_matmul_tflops(device=None, dtype=torch.float32, seconds: float = 1.0
     device = torch.device(device) if device is not None else torch.device("cpu")
     cuda = device.type == "cuda"
     n = n or (8192 if cuda else 512)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A generator of its own: the measurement runs before the model is built and must not move the seeded
+    # global RNG (the initial weights would depend on whether --peak-tflops was given).
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     torch.matmul(a, b)
     best, deadline = 0.0, time.perf_counter() + seconds
     while True:
