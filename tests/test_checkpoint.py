@@ -1,9 +1,12 @@
 """Checkpoint files on disk: a crash mid-save leaves the previous checkpoint current, and a missing or
 damaged shard is reported with its path instead of loading half a model."""
 import glob
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -66,9 +69,6 @@ def test_save_failure_names_errno_path_and_free_space_then_fsync_and_cleanup(tmp
     """A save under a file-size limit fails in one line with the errno, the path and the free space; the
     marker stays; the next successful save removes stale iter_*.tmp directories; a save fsyncs every file
     of the checkpoint, the checkpoint directory, the marker and the save directory."""
-    import json
-    import subprocess
-    import sys
     save = str(tmp_path / "ckpt")
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "save_faults.py")
     proc = subprocess.run([sys.executable, worker, save], capture_output=True, text=True, timeout=300,
@@ -133,3 +133,29 @@ def test_flipped_bytes_in_a_shard_are_refused_naming_the_file(saved, tmp_path):
     os.truncate(shard, os.path.getsize(shard) - 1)
     with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{os.path.basename(shard)} has ")):
         ckpt.load_model_weights(build_model(cfg, ParallelPlan(), wrap_ddp=False), save)
+
+
+def test_save_to_a_read_only_file_system_is_one_line_and_keeps_the_marker(tmp_path):
+    """A read-only bind mount (root can mount here; skipped where it cannot): EROFS, path and free space."""
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    (src / ckpt.MARKER).write_text("1\n")
+    mounted = subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot bind-mount here (not root, or no mount permission)")
+    try:
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], capture_output=True).returncode:
+            pytest.skip("cannot remount read-only here")
+        worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "save_faults.py")
+        proc = subprocess.run([sys.executable, worker, "--read-only", str(ro)], capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    error = out["error"]
+    assert error is not None and "\n" not in error
+    assert error.startswith("saving checkpoint iteration 2 failed: [Errno 30 EROFS] Read-only file system"), error
+    assert str(ro) in error and re.search(r"GiB free of", error)
+    assert out["marker"] == 1

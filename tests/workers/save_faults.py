@@ -1,7 +1,8 @@
 """Checkpoint saves that fail, and what a save makes durable (a process of its own: a save starts helper
 processes, and the file-size limit must not touch the test process). Runs under device_discipline("cpu").
 
-    python save_faults.py SAVE_DIR   -> prints one JSON line as the last line of stdout
+    python save_faults.py SAVE_DIR                -> prints one JSON line as the last line of stdout
+    python save_faults.py --read-only SAVE_DIR    (SAVE_DIR on a read-only mount)
 """
 import json
 import os
@@ -50,7 +51,19 @@ def main(save: str) -> dict:
     return out
 
 
+def read_only(save: str) -> dict:
+    """A save into a directory on a read-only file system (the test mounts it): the error line."""
+    initialize(1, 1)
+    cfg = tiny()
+    model = build_model(cfg, ParallelPlan(), wrap_ddp=False)
+    try:
+        ckpt.save_model_weights(model, save, cfg, iteration=2)
+        return {"error": None, "marker": ckpt.latest_iteration(save)}
+    except ckpt.CheckpointSaveError as e:
+        return {"error": str(e), "marker": ckpt.latest_iteration(save)}
+
+
 if __name__ == "__main__":  # megatron's writer starts processes with the spawn method
     with device_discipline("cpu"):
-        result = main(sys.argv[1])
+        result = read_only(sys.argv[2]) if sys.argv[1] == "--read-only" else main(sys.argv[1])
     print(json.dumps(result), flush=True)
