@@ -18,10 +18,6 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
-from qwenvl_megatron.models import kernel_bench  # noqa: E402
-from qwenvl_megatron.runtime import bench, initialize  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,6 +29,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 with --paper-shapes on a GPU, else fp32")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, seconds (the tests' mode)")
     a = p.parse_args(argv)
+    import torch  # after parsing: --help stays fast
+
+    from qwenvl_megatron.models import kernel_bench
+    from qwenvl_megatron.runtime import bench, initialize
     device = initialize(1, 1)  # megatron's vocab-parallel cross-entropy needs its (one-rank) TP group
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[a.dtype]
     result = kernel_bench.run(device, paper=a.paper_shapes, repeats=a.repeats, smoke=a.smoke, dtype=dtype,

@@ -34,7 +34,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from qwenvl_megatron.data.images import CorruptImageError, normalize_image
 from qwenvl_megatron.data.formats import (MalformedRecordError, RecordError, decode_utf8, encode_record,
                                           read_json_list, resolve_image_path)
 from qwenvl_megatron.data.indexed import IndexedDataset, IndexedDatasetWriter, merge_datasets
@@ -126,6 +125,7 @@ def _init_worker(tokenizer_type: str, tokenizer_model: str, options: dict) -> No
 
 
 def _encode(record: Any, where: str, load_image) -> tuple[Any, list[bytes]]:
+    from qwenvl_megatron.data.images import CorruptImageError, normalize_image  # torch: not for --help
     sample = encode_record(record, _STATE["tokenizer"], _STATE["num_image_tokens"], _STATE["seq_length"],
                            _STATE["too_long"], where=where)
     blobs = []
