@@ -9,6 +9,8 @@ import math
 import struct
 import zlib
 
+import numpy as np
+
 _FONT = {  # 3 columns x 5 rows, row-major bits
     "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
     "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001010010",
@@ -64,14 +66,7 @@ class Canvas:
                                     self.set(x + (k * 4 + c) * scale + dx, y + r * scale + dy, color)
 
     def save(self, path: str) -> None:
-        raw = b"".join(b"\x00" + bytes(self.px[3 * y * self.w: 3 * (y + 1) * self.w]) for y in range(self.h))
-
-        def chunk(kind, data):
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-        with open(path, "wb") as f:
-            f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0))
-                    + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+        write_png(path, np.frombuffer(bytes(self.px), np.uint8).reshape(self.h, self.w, 3))
 
 
 def text_width(s: str, scale: int = 2) -> int:
@@ -179,4 +174,49 @@ def line_chart(path: str, series: dict, title: str = "", xlabel: str = "", ylabe
     c.save(path)
 
 
-__all__ = ["Canvas", "line_chart"]
+
+
+# ---- the PNG file itself (8-bit RGB, unfiltered rows): shared with training/lineplot.py
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def write_png(path: str, rgb) -> None:
+    """An 8-bit RGB PNG of an [H, W, 3] uint8 array (every row with filter type 0)."""
+    h, w, _ = rgb.shape
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], axis=1).tobytes()
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        f.write(_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)))
+        f.write(_chunk(b"IDAT", zlib.compress(raw, 6)))
+        f.write(_chunk(b"IEND", b""))
+
+
+def read_png(path: str):
+    """The [H, W, 3] pixels of a PNG that `write_png` wrote (8-bit RGB, filter type 0 rows); for tests."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path}: not a PNG file")
+    pos, idat, size = 8, b"", None
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        if struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] != zlib.crc32(kind + body) & 0xFFFFFFFF:
+            raise ValueError(f"{path}: bad CRC in chunk {kind!r}")
+        if kind == b"IHDR":
+            w, h, depth, color = struct.unpack(">IIBB", body[:10])
+            if (depth, color) != (8, 2):
+                raise ValueError(f"{path}: only 8-bit RGB is read here")
+            size = (h, w)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    h, w = size
+    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + 3 * w)
+    if rows[:, 0].any():
+        raise ValueError(f"{path}: filtered rows are not read here")
+    return rows[:, 1:].reshape(h, w, 3)
+
+
+__all__ = ["Canvas", "line_chart", "write_png", "read_png"]

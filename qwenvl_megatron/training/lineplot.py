@@ -11,10 +11,10 @@ on y, the first and last x, light grid lines, and one polyline (non-finite point
 from __future__ import annotations
 
 import math
-import struct
-import zlib
 
 import numpy as np
+
+from ..runtime.png import read_png, write_png  # noqa: F401 (re-exported for callers)
 
 WHITE, BLACK, GREY, LIGHT = (255, 255, 255), (40, 40, 40), (150, 150, 150), (228, 228, 228)
 LINE = (31, 119, 180)
@@ -124,45 +124,3 @@ class Canvas:
 
     def save_png(self, path: str) -> None:
         write_png(path, self.pixels)
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def write_png(path: str, rgb: np.ndarray) -> None:
-    """An 8-bit RGB PNG of an [H, W, 3] uint8 array (every row with filter type 0)."""
-    h, w, _ = rgb.shape
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], axis=1).tobytes()
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n")
-        f.write(_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)))
-        f.write(_chunk(b"IDAT", zlib.compress(raw, 6)))
-        f.write(_chunk(b"IEND", b""))
-
-
-def read_png(path: str) -> np.ndarray:
-    """The [H, W, 3] pixels of a PNG that `write_png` wrote (8-bit RGB, filter type 0 rows); for tests."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError(f"{path}: not a PNG file")
-    pos, idat, size = 8, b"", None
-    while pos < len(data):
-        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
-        if struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] != zlib.crc32(kind + body) & 0xFFFFFFFF:
-            raise ValueError(f"{path}: bad CRC in chunk {kind!r}")
-        if kind == b"IHDR":
-            w, h, depth, color = struct.unpack(">IIBB", body[:10])
-            if (depth, color) != (8, 2):
-                raise ValueError(f"{path}: only 8-bit RGB is read here")
-            size = (h, w)
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    h, w = size
-    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + 3 * w)
-    if rows[:, 0].any():
-        raise ValueError(f"{path}: filtered rows are not read here")
-    return rows[:, 1:].reshape(h, w, 3)
