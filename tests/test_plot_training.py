@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from qwenvl_megatron.training import lineplot, plot
+from qwenvl_megatron.runtime import png
+from qwenvl_megatron.training import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "plot_training.py")
@@ -45,7 +46,7 @@ def panel(pixels, row, col):
 
 
 def line_pixels(region):
-    return np.argwhere(np.all(region == lineplot.LINE, axis=-1))  # (y, x) of the curve's colour
+    return np.argwhere(np.all(region == plot.LINE, axis=-1))  # (y, x) of the curve's colour
 
 
 def test_reads_stages_in_the_order_they_ran(run_dir):
@@ -62,7 +63,7 @@ def test_tool_writes_a_png_with_the_curves(run_dir, tmp_path):
                           capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 stages (warmup, stage1)" in proc.stderr
-    pixels = lineplot.read_png(str(out))
+    pixels = png.read_png(str(out))
     assert (pixels.shape[1], pixels.shape[0]) == plot.figure_size(2) == (4 * plot.PANEL_W, 2 * plot.PANEL_H)
     from PIL import Image  # an independent decoder agrees
     with Image.open(out) as im:
@@ -75,7 +76,7 @@ def test_tool_writes_a_png_with_the_curves(run_dir, tmp_path):
                 assert len(drawn) == 0
             else:
                 assert len(drawn) > 100, (row, col)
-                assert (panel(pixels, row, col) == lineplot.BLACK).all(axis=-1).sum() > 50  # title and labels
+                assert (panel(pixels, row, col) == png.BLACK).all(axis=-1).sum() > 50  # title and labels
     # The loss falls: the curve's left end sits high in the panel, its right end low; the lr rises.
     for col, falls in ((0, True), (1, False)):
         yx = line_pixels(panel(pixels, 0, col))
@@ -99,17 +100,17 @@ def test_a_directory_without_event_files_is_a_one_line_error(tmp_path):
 
 def test_png_writer_round_trips(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (7, 13, 3), dtype=np.uint8)
-    lineplot.write_png(str(tmp_path / "x.png"), rgb)
-    assert np.array_equal(lineplot.read_png(str(tmp_path / "x.png")), rgb)
+    png.write_png(str(tmp_path / "x.png"), rgb)
+    assert np.array_equal(png.read_png(str(tmp_path / "x.png")), rgb)
 
 
 def test_flat_and_empty_panels_draw():
-    c = lineplot.Canvas(300, 170)
-    c.panel(0, 0, 300, 170, "flat", [1, 2, 3], [2.0, 2.0, 2.0])
+    c = png.Canvas(300, 170)
+    plot.draw_panel(c, 0, 0, 300, 170, "flat", [1, 2, 3], [2.0, 2.0, 2.0])
     assert len(line_pixels(c.pixels)) > 100
-    c = lineplot.Canvas(300, 170)
-    c.panel(0, 0, 300, 170, "empty", [], [])
-    c.panel(0, 0, 300, 170, "nan", [1, 2], [math.nan, math.nan])
+    c = png.Canvas(300, 170)
+    plot.draw_panel(c, 0, 0, 300, 170, "empty", [], [])
+    plot.draw_panel(c, 0, 0, 300, 170, "nan", [1, 2], [math.nan, math.nan])
     assert len(line_pixels(c.pixels)) == 0
 
 

@@ -1,7 +1,7 @@
-"""A dependency-free PNG chart: axes (linear or log), points and lines per series, a legend, a title.
+"""Dependency-free PNG figures (numpy + zlib): a Canvas with a 5x7 bitmap font (upper case, digits, a few
+signs), the benchmarks' line chart (linear or log axes, a legend), and the PNG file writer and reader.
 
-Enough for the benchmarks' figures on machines without matplotlib. Text uses a built-in 3x5 pixel font
-(upper case, digits, a few signs), drawn at 2x.
+Enough for the benchmarks and the training plot on machines without matplotlib.
 """
 from __future__ import annotations
 
@@ -11,66 +11,90 @@ import zlib
 
 import numpy as np
 
-_FONT = {  # 3 columns x 5 rows, row-major bits
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001010010",
-    "8": "111101111101111", "9": "111101111001111", "A": "010101111101101", "B": "110101110101110",
-    "C": "011100100100011", "D": "110101101101110", "E": "111100110100111", "F": "111100110100100",
-    "G": "011100101101011", "H": "101101111101101", "I": "111010010010111", "J": "001001001101010",
-    "K": "101101110101101", "L": "100100100100111", "M": "101111111101101", "N": "110101101101101",
-    "O": "010101101101010", "P": "110101110100100", "Q": "010101101111011", "R": "110101110101101",
-    "S": "011100010001110", "T": "111010010010010", "U": "101101101101111", "V": "101101101101010",
-    "W": "101101111111101", "X": "101101010101101", "Y": "101101010010010", "Z": "111001010100111",
-    ".": "000000000000010", "-": "000000111000000", "/": "001001010100100", "(": "010100100100010",
-    ")": "010001001001010", "%": "101001010100101", ":": "000010000010000", "_": "000000000000111",
-    "+": "000010111010000", "=": "000111000111000", ",": "000000000010100", " ": "000000000000000",
-    "^": "010101000000000", "*": "000101010101000", "<": "001010100010001", ">": "100010001010100",
+# 5x7 glyphs: seven rows of five bits (MSB on the left), as hex.
+_GLYPHS = {
+    "0": "0E 11 13 15 19 11 0E", "1": "04 0C 04 04 04 04 0E", "2": "0E 11 01 02 04 08 1F",
+    "3": "1F 02 04 02 01 11 0E", "4": "02 06 0A 12 1F 02 02", "5": "1F 10 1E 01 01 11 0E",
+    "6": "06 08 10 1E 11 11 0E", "7": "1F 01 02 04 08 08 08", "8": "0E 11 11 0E 11 11 0E",
+    "9": "0E 11 11 0F 01 02 0C", "A": "0E 11 11 1F 11 11 11", "B": "1E 11 11 1E 11 11 1E",
+    "C": "0E 11 10 10 10 11 0E", "D": "1C 12 11 11 11 12 1C", "E": "1F 10 10 1E 10 10 1F",
+    "F": "1F 10 10 1E 10 10 10", "G": "0E 11 10 17 11 11 0F", "H": "11 11 11 1F 11 11 11",
+    "I": "0E 04 04 04 04 04 0E", "J": "07 02 02 02 02 12 0C", "K": "11 12 14 18 14 12 11",
+    "L": "10 10 10 10 10 10 1F", "M": "11 1B 15 15 11 11 11", "N": "11 11 19 15 13 11 11",
+    "O": "0E 11 11 11 11 11 0E", "P": "1E 11 11 1E 10 10 10", "Q": "0E 11 11 11 15 12 0D",
+    "R": "1E 11 11 1E 14 12 11", "S": "0F 10 10 0E 01 01 1E", "T": "1F 04 04 04 04 04 04",
+    "U": "11 11 11 11 11 11 0E", "V": "11 11 11 11 11 0A 04", "W": "11 11 11 15 15 15 0A",
+    "X": "11 11 0A 04 0A 11 11", "Y": "11 11 11 0A 04 04 04", "Z": "1F 01 02 04 08 10 1F",
+    " ": "00 00 00 00 00 00 00", ".": "00 00 00 00 00 0C 0C", "-": "00 00 00 1F 00 00 00",
+    "+": "00 04 04 1F 04 04 00", "/": "00 01 02 04 08 10 00", ":": "00 0C 0C 00 0C 0C 00",
+    "_": "00 00 00 00 00 00 1F", "(": "02 04 08 08 08 04 02", ")": "08 04 02 02 02 04 08",
+    "=": "00 00 1F 00 1F 00 00", ",": "00 00 00 00 0C 04 08", "?": "0E 11 01 02 04 00 04",
+    "%": "18 19 02 04 08 13 03", "^": "04 0A 11 00 00 00 00", "*": "00 04 15 0E 15 04 00",
+    "<": "02 04 08 10 08 04 02", ">": "08 04 02 01 02 04 08",
 }
+FONT = {c: np.array([[(int(row, 16) >> (4 - i)) & 1 for i in range(5)] for row in rows.split()], dtype=bool)
+        for c, rows in _GLYPHS.items()}
+CHAR_W, CHAR_H = 6, 7  # advance and height in pixels
+
+
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+WHITE, BLACK = (255, 255, 255), (40, 40, 40)
 
 
 class Canvas:
-    def __init__(self, width: int, height: int):
-        self.w, self.h = width, height
-        self.px = bytearray(b"\xff" * (width * height * 3))
+    """An RGB image (numpy [H, W, 3] uint8) with the few primitives the charts need; off-canvas pixels are
+    dropped, so callers need not clip."""
 
-    def set(self, x: int, y: int, color) -> None:
-        if 0 <= x < self.w and 0 <= y < self.h:
-            i = 3 * (y * self.w + x)
-            self.px[i:i + 3] = bytes(color)
+    def __init__(self, width: int, height: int):
+        self.pixels = np.full((height, width, 3), WHITE, dtype=np.uint8)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.pixels.shape[1], self.pixels.shape[0]
+
+    def _put(self, xs, ys, color) -> None:
+        xs, ys = np.asarray(xs, dtype=int), np.asarray(ys, dtype=int)
+        h, w = self.pixels.shape[:2]
+        ok = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+        self.pixels[ys[ok], xs[ok]] = color
 
     def rect(self, x0, y0, x1, y1, color) -> None:
-        for y in range(int(y0), int(y1) + 1):
-            for x in range(int(x0), int(x1) + 1):
-                self.set(x, y, color)
+        ys, xs = np.mgrid[int(y0):int(y1) + 1, int(x0):int(x1) + 1]
+        self._put(xs.ravel(), ys.ravel(), color)
 
     def line(self, x0, y0, x1, y1, color, width: int = 1) -> None:
-        n = int(max(abs(x1 - x0), abs(y1 - y0), 1))
-        for k in range(n + 1):
-            x, y = x0 + (x1 - x0) * k / n, y0 + (y1 - y0) * k / n
-            for d in range(width):
-                self.set(int(round(x)) + d // 2, int(round(y)) + d % 2, color)
+        """From (x0, y0) to (x1, y1), floats; `width` 2 thickens it by one pixel down and right."""
+        if not all(map(math.isfinite, (x0, y0, x1, y1))):
+            return
+        n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+        xs, ys = np.rint(np.linspace(x0, x1, n + 1)).astype(int), np.rint(np.linspace(y0, y1, n + 1)).astype(int)
+        for d in range(width):
+            self._put(xs + d // 2, ys + d % 2, color)
 
-    def text(self, x: int, y: int, s: str, color=(0, 0, 0), scale: int = 2, vertical: bool = False) -> None:
-        for k, ch in enumerate(s.upper()):
-            glyph = _FONT.get(ch, _FONT[" "])
-            for r in range(5):
-                for c in range(3):
-                    if glyph[3 * r + c] == "1":
-                        for dy in range(scale):
-                            for dx in range(scale):
-                                if vertical:
-                                    self.set(x + r * scale + dy, y - (k * 4 + c) * scale - dx, color)
-                                else:
-                                    self.set(x + (k * 4 + c) * scale + dx, y + r * scale + dy, color)
+    def text(self, x: int, y: int, s: str, color=BLACK, scale: int = 1, align: str = "left",
+             vertical: bool = False) -> None:
+        """`s` (upper-cased) with its top-left corner at (x, y); `align="right"`: top-right corner;
+        `vertical`: rotated to read bottom-up, starting at (x, y)."""
+        s = s.upper()
+        if align == "right":
+            x -= text_width(s, scale)
+        for i, ch in enumerate(s):
+            gy, gx = np.nonzero(FONT.get(ch, FONT["?"]))
+            for dy in range(scale):
+                for dx in range(scale):
+                    along, across = i * CHAR_W * scale + gx * scale + dx, gy * scale + dy
+                    if vertical:
+                        self._put(x + across, y - along, color)
+                    else:
+                        self._put(x + along, y + across, color)
 
     def save(self, path: str) -> None:
-        write_png(path, np.frombuffer(bytes(self.px), np.uint8).reshape(self.h, self.w, 3))
+        write_png(path, self.pixels)
 
 
-def text_width(s: str, scale: int = 2) -> int:
-    return len(s) * 4 * scale
+def text_width(s: str, scale: int = 1) -> int:
+    return len(s) * CHAR_W * scale
 
 
 def _fmt(v: float) -> str:
@@ -139,10 +163,10 @@ def line_chart(path: str, series: dict, title: str = "", xlabel: str = "", ylabe
     for t in _ticks(y0, y1, logy):
         if y0 <= t <= y1:
             c.line(left, Y(t), right, Y(t), grey)
-            c.text(left - 8 - text_width(_fmt(t)), int(Y(t)) - 5, _fmt(t))
+            c.text(left - 8 - text_width(_fmt(t)), int(Y(t)) - 3, _fmt(t))
     c.line(left, top, left, bottom, black)
     c.line(left, bottom, right, bottom, black)
-    c.text(left, 15, title)
+    c.text(left, 15, title, scale=2)
     c.text((left + right) // 2 - text_width(xlabel) // 2, bottom + 35, xlabel)
     c.text(15, (top + bottom) // 2 + text_width(ylabel) // 2, ylabel, vertical=True)
     colored = 0
@@ -176,7 +200,7 @@ def line_chart(path: str, series: dict, title: str = "", xlabel: str = "", ylabe
 
 
 
-# ---- the PNG file itself (8-bit RGB, unfiltered rows): shared with training/lineplot.py
+# ---- the PNG file itself (8-bit RGB, unfiltered rows)
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 

@@ -4,16 +4,21 @@ A run directory holds one subdirectory per stage, each with the event files that
 wrote (the demo: WORK/tensorboard/{warmup,stage1,stage2,stage3}); a directory that holds event files
 itself is one stage. Rows are stages, in the order they ran (first event's wall time); columns are
 METRICS. Event files are read with tensorboard's EventAccumulator. The PNG comes from matplotlib when it
-imports, else from the package's own renderer (training/lineplot.py, numpy + zlib).
+imports, else from the package's own renderer (runtime/png.py, numpy + zlib).
 """
 from __future__ import annotations
 
 import os
 
+import numpy as np
+
+from ..runtime import png
+
 # (TensorBoard tag written by training/train.py, panel title)
 METRICS = (("train/loss", "loss"), ("train/lr", "learning rate"), ("train/grad_norm", "grad norm"),
            ("train/samples_per_s", "samples/s"))
 PANEL_W, PANEL_H = 300, 170
+LINE, GREY, LIGHT = png.PALETTE[0], (150, 150, 150), (228, 228, 228)
 EVENT_PREFIX = "events.out.tfevents."
 
 
@@ -90,14 +95,52 @@ def render(stages: list[tuple[str, dict]], out_png: str, backend: str = "auto") 
 
 
 def _render_numpy(stages, out_png):
-    from .lineplot import Canvas
-
-    canvas = Canvas(*figure_size(len(stages)))
+    canvas = png.Canvas(*figure_size(len(stages)))
     for row, (name, scalars) in enumerate(stages):
         for col, (tag, title) in enumerate(METRICS):
             steps, values = scalars.get(tag, ([], []))
-            canvas.panel(col * PANEL_W, row * PANEL_H, PANEL_W, PANEL_H, f"{name}: {title}", steps, values)
-    canvas.save_png(out_png)
+            draw_panel(canvas, col * PANEL_W, row * PANEL_H, PANEL_W, PANEL_H, f"{name}: {title}", steps, values)
+    canvas.save(out_png)
+
+
+def format_value(v: float) -> str:
+    """Short axis label: 3 significant digits, exponent form for very small or large magnitudes."""
+    if v == 0 or 1e-3 <= abs(v) < 1e4:
+        return f"{v:.3g}"
+    return f"{v:.2e}"
+
+
+def draw_panel(canvas, x0: int, y0: int, w: int, h: int, title: str, xs, ys) -> None:
+    """One curve in the box (x0, y0, w, h): title, frame, the data's y range and first/last x as labels, light
+    grid lines; a non-finite point breaks the line, a flat curve sits in the middle."""
+    left, right, top, bottom = x0 + 56, x0 + w - 12, y0 + 18, y0 + h - 20
+    canvas.text(left, y0 + 6, title)
+    for y in np.linspace(top, bottom, 5)[1:-1].round():
+        canvas.line(left + 1, y, right - 1, y, LIGHT)
+    for a, b, c, d in ((left, top, right, top), (left, bottom, right, bottom), (left, top, left, bottom),
+                       (right, top, right, bottom)):
+        canvas.line(a, b, c, d, GREY)
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    finite = np.isfinite(xs) & np.isfinite(ys)
+    if not finite.any():
+        canvas.text((left + right) // 2 - 3 * png.CHAR_W, (top + bottom) // 2 - 3, "NO DATA", GREY)
+        return
+    ymin, ymax = float(ys[finite].min()), float(ys[finite].max())
+    pad = (ymax - ymin) * 0.05 or abs(ymin) * 0.1 or 1.0
+    lo, hi = ymin - pad, ymax + pad
+    xlo, xhi = float(xs[finite].min()), float(xs[finite].max())
+    to_x = lambda v: left + 2 + (v - xlo) / ((xhi - xlo) or 1.0) * (right - left - 4)  # noqa: E731
+    to_y = lambda v: bottom - 2 - (v - lo) / (hi - lo) * (bottom - top - 4)  # noqa: E731
+    px, py = np.where(finite, to_x(xs), np.nan), np.where(finite, to_y(ys), np.nan)
+    for xa, ya, xb, yb in zip(px[:-1], py[:-1], px[1:], py[1:]):
+        canvas.line(xa, ya, xb, yb, LINE, width=2)  # skips a segment with a NaN end
+    if finite.sum() == 1:  # a single point still shows
+        x, y = float(px[finite][0]), float(py[finite][0])
+        canvas.rect(x - 1, y - 1, x + 1, y + 1, LINE)
+    for v in (ymax, (ymin + ymax) / 2, ymin) if ymax > ymin else (ymin,):
+        canvas.text(left - 4, int(round(to_y(v))) - 3, format_value(v), align="right")
+    canvas.text(left, bottom + 5, format_value(xlo))
+    canvas.text(right, bottom + 5, format_value(xhi), align="right")
 
 
 def _render_matplotlib(stages, out_png):
