@@ -28,6 +28,7 @@ from . import checkpoint as ckpt
 from .arguments import args_record, parse_args
 from .layout import Layout, LayoutError, batch_flops, dry_run_report, parallel_plan, plan_layout
 from .optimizer import OptimizerSettings, build_optimizer, build_scheduler, freeze
+from .scalar_log import check_wandb, scalar_sinks
 from .step import build_model, forward_backward, unwrap
 
 
@@ -120,64 +121,6 @@ def current_lr(optimizer) -> float:
     return float(groups[0]["lr"]) if groups else 0.0
 
 
-class _TensorBoardSink:
-    def __init__(self, writer):
-        self.writer = writer
-
-    def log(self, scalars: dict, step: int) -> None:
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class _WandbSink:
-    """Megatron-LM's W&B logging: one run per job on the logging rank, the same scalars and steps as
-    TensorBoard."""
-
-    def __init__(self, args, record: dict):
-        import wandb
-
-        save_dir = args.wandb_save_dir or (os.path.join(args.save, "wandb") if args.save else None)
-        if save_dir:
-            os.makedirs(save_dir, exist_ok=True)
-        self.wandb = wandb
-        wandb.init(project=args.wandb_project, name=args.wandb_exp_name or None, dir=save_dir, config=record)
-
-    def log(self, scalars: dict, step: int) -> None:
-        self.wandb.log(dict(scalars), step=step)
-
-    def close(self) -> None:
-        self.wandb.finish()
-
-
-def check_wandb(args) -> None:
-    """--wandb-project without the optional package: a one-line error before anything is built."""
-    if getattr(args, "wandb_project", None):
-        import importlib.util
-        if importlib.util.find_spec("wandb") is None:
-            raise SystemExit("--wandb-project needs the `wandb` package, which is not installed: "
-                             "pip install wandb (or drop --wandb-project)")
-
-
-def _scalar_sinks(args, record: dict) -> list:
-    """Where the log step's scalars go on rank 0: TensorBoard (--tensorboard-dir), W&B (--wandb-project)."""
-    if dist.get_rank() != 0:
-        return []
-    sinks = []
-    if args.tensorboard_dir:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            sinks.append(_TensorBoardSink(SummaryWriter(args.tensorboard_dir)))
-        except Exception as e:  # noqa: BLE001 - logging must not stop training
-            log(f"warning: TensorBoard unavailable ({type(e).__name__}: {e}); logging to stdout only")
-    if args.wandb_project:
-        sinks.append(_WandbSink(args, record))
-    return sinks
-
-
 def train(args, layout: Layout) -> dict:
     """Build everything, resume if asked, iterate. Returns {"history": [(iteration, loss, grad_norm, lr)],
     "iteration", "consumed_samples", "skipped"} (identical on every rank)."""
@@ -221,7 +164,7 @@ def train(args, layout: Layout) -> dict:
                            microbatches=stats["image_microbatches"], freeze=args.freeze, recompute=args.recompute,
                            tensor_parallel=layout.tensor_parallel, sequence_parallel=args.sequence_parallel)
     record = args_record(args)
-    sinks = _scalar_sinks(args, record)
+    sinks = scalar_sinks(args, record, warn=log)
 
     def save(it, done) -> str:
         """Write the checkpoint; the marker stays where it is until `prove` moves it."""
