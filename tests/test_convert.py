@@ -221,7 +221,8 @@ def test_export_names_what_the_official_remote_code_would_build_differently(tmp_
         "ViT width = output_dim = 256 (it then has no kv_proj)"]
     assert official_code_differences(tiny()) == [
         "adapter heads 4 (it builds output_dim // 128 = 0)", "ViT position grid 8x8 (it has 16x16)",
-        "ViT width = output_dim = 64 (it then has no kv_proj)", "16 image queries (its tokenizer writes 256 image positions)"]
+        "ViT width = output_dim = 64 (it then has no kv_proj)",
+        "16 image queries (its tokenizer writes 256 image positions)"]
     write_export_metadata(str(tmp_path), tiny())
     assert "the remote code of Qwen/Qwen-VL cannot run this model as it is: adapter heads 4" in capsys.readouterr().err
     write_export_metadata(str(tmp_path), small)

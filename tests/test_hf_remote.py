@@ -36,5 +36,9 @@ def test_official_remote_code_gives_our_logits():
     assert proc.returncode == 0 and m.group(1) == "PASS", out
     assert float(m.group(2)) <= 1e-4 and float(m.group(3)) > 0.1 and float(m.group(5)) <= 1e-6
     assert int(m.group(4)) == 1 + 256 + 1 + 9  # <img>, 256 image positions, </img>, the prompt's 9 tokens
+    info = re.search(r"^INFO hf_remote_long_context seq_length=128 .*: ntk\+logn=(\S+)/(\S+) logn=(\S+)/(\S+) "
+                     r"none=(\S+)/(\S+)$", proc.stdout, re.M)
+    ntk_first, ntk_beyond, logn_first, logn_beyond, none_first, none_beyond = map(float, info.groups())
+    assert ntk_first > 1e-4 and logn_first <= 1e-4 < logn_beyond and max(none_first, none_beyond) <= 1e-4
     g = re.search(r"^PASS hf_remote_greedy official=(\[.*\]) ours=(\[.*\])$", proc.stdout, re.M)
     assert g and g.group(1) == g.group(2) and len(json.loads(g.group(1))) == 8, out

@@ -39,9 +39,13 @@ def prepare(work: str) -> None:
     hf = R.hf_config(**SIZES)
     cfg = QwenVLConfig.from_hf_config(hf)
     save_hf_dir(f"{work}/source", R.random_hf_state_dict(hf, seed=0), cfg)
+    rng = np.random.default_rng(0)
     image = f"{work}/image.png"  # already 448x448: both sides' bicubic resize is the identity
-    rgb = np.random.default_rng(0).integers(0, 256, (cfg.vit.image_size, cfg.vit.image_size, 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(image)
+    Image.fromarray(rng.integers(0, 256, (cfg.vit.image_size, cfg.vit.image_size, 3), dtype=np.uint8)).save(image)
+    photo = f"{work}/photo.jpg"  # only the preprocessing is compared on this one (a real resize)
+    y, x = np.mgrid[0:480, 0:640]
+    smooth = np.stack([x * 0.4, y * 0.5, (x + y) * 0.3], -1) % 256 + rng.normal(0, 20, (480, 640, 3))
+    Image.fromarray(np.clip(smooth, 0, 255).astype(np.uint8)).save(photo, quality=90)
     def tool(name, *args):
         return subprocess.run([sys.executable, f"{ROOT}/tools/{name}.py", *args], check=True, text=True,
                               stdout=subprocess.PIPE).stdout
@@ -53,9 +57,9 @@ def prepare(work: str) -> None:
                      "--image", image, "--max-new-tokens", str(NEW_TOKENS), "--logits-out", f"{work}/ours_logits.npy")
     tok = build_tokenizer("qwen", vocab)
     ids, _ = encode_prompt(PROMPT, tok, cfg.adapter.num_queries, image)
-    np.save(f"{work}/ours_pixels.npy", load_images([image], cfg.vit.image_size).numpy())
+    np.save(f"{work}/ours_pixels.npy", load_images([image, photo], cfg.vit.image_size).numpy())
     with open(f"{work}/ours.json", "w") as f:
-        json.dump({"prompt": PROMPT, "image": image, "ids": ids, "image_start_id": cfg.image_start_id,
+        json.dump({"prompt": PROMPT, "image": image, "photo": photo, "ids": ids, "image_start_id": cfg.image_start_id,
                    "tokens": json.loads(generated)["tokens"], "stop_ids": [tok.eod_id, tok.im_end_id]}, f)
 
 
@@ -122,8 +126,9 @@ def check(work: str, code_dir: str) -> int:
                                                        output_loading_info=True)
     bad = {k: v for k, v in info.items() if v}
     assert not bad, f"the official model and the export disagree on keys: {bad}"
-    pixels = model.transformer.visual.image_transform(Image.open(ours["image"]).convert("RGB"))
-    pixel_diff = (pixels - torch.from_numpy(np.load(f"{work}/ours_pixels.npy"))[0]).abs().max().item()
+    transform = model.transformer.visual.image_transform  # what its visual.encode applies to each image
+    pixels = torch.stack([transform(Image.open(ours[k]).convert("RGB")) for k in ("image", "photo")])
+    pixel_diff = (pixels - torch.from_numpy(np.load(f"{work}/ours_pixels.npy"))).abs().max().item()
     with torch.no_grad():
         theirs = model.eval()(torch.tensor([ids])).logits[0].float()
     mine = torch.from_numpy(np.load(f"{work}/ours_logits.npy"))
@@ -133,10 +138,29 @@ def check(work: str, code_dir: str) -> int:
     print(f"{'PASS' if ok else 'FAIL'} hf_remote_logits max_abs_diff={diff:.3g} (tolerance {TOLERANCE:g}) "
           f"max_abs_logit={mine.abs().max().item():.3g} tokens={len(ids)} pixels_max_diff={pixel_diff:.3g} "
           f"transformers={transformers.__version__} torch={torch.__version__}")
+    _long_context(export, ids, mine)
     greedy = _greedy(model, ids, len(ours["tokens"]) or NEW_TOKENS, [start, start + 1, start + 2], ours["stop_ids"])
     same = greedy == ours["tokens"]
     print(f"{'PASS' if same else 'FAIL'} hf_remote_greedy official={greedy} ours={ours['tokens']}")
     return 0 if ok and same else 1
+
+
+def _long_context(export, ids, mine, seq_length=128):
+    """Information, not checked: the official code's inference-only dynamic NTK and log-n scaling, made to act
+    on this prompt by a shorter seq_length (our model has neither)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    parts = []
+    for name, off in (("ntk+logn", {}), ("logn", {"use_dynamic_ntk": False}),
+                      ("none", {"use_dynamic_ntk": False, "use_logn_attn": False})):
+        model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, fp32=True, seq_length=seq_length,
+                                                     **off)
+        with torch.no_grad():
+            d = (model.eval()(torch.tensor([ids])).logits[0] - mine).abs().amax(-1)
+        parts.append(f"{name}={d[:seq_length].max():.2g}/{d[seq_length:].max():.2g}")
+    print(f"INFO hf_remote_long_context seq_length={seq_length} max_abs_diff (first {seq_length} positions/beyond): "
+          + " ".join(parts))
 
 
 def _greedy(model, ids, n, banned, stop):
