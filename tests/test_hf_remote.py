@@ -23,6 +23,17 @@ def test_without_the_official_code_it_claims_nothing(tmp_path):
     assert proc.returncode == 1 and proc.stdout == f"FAIL setup {tmp_path}/configuration_qwen.py missing\n"
 
 
+def test_without_transformers_it_claims_nothing(tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    for name in ("configuration_qwen", "modeling_qwen", "visual", "qwen_generation_utils", "tokenization_qwen"):
+        (code / f"{name}.py").write_text("")
+    env = dict(ENV, QWENVL_HF_VENV=str(tmp_path / "venv"), QWENVL_HF_PYTHON="false")  # no venv can be made
+    proc = subprocess.run(["bash", RUN, str(code)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("nothing compared"), proc.stdout + proc.stderr
+    assert "PASS" not in proc.stdout and "FAIL" not in proc.stdout
+
+
 @pytest.mark.skipif(not CODE, reason="QWENVL_QWEN_VL_CODE is not set: no official Qwen-VL remote code to compare with "
                                      "(see docs/conversion.md, 'Checked against the official remote code')")
 def test_official_remote_code_gives_our_logits():
