@@ -69,12 +69,13 @@ def _local_code(export: str, code_dir: str) -> None:
 
     for name in ("configuration_qwen", "modeling_qwen", "visual", "qwen_generation_utils", "tokenization_qwen"):
         shutil.copy(os.path.join(code_dir, name + ".py"), export)
-    for name, key in (("config.json", "auto_map"), ("tokenizer_config.json", "auto_map")):
+    local = lambda ref: ref.split("--", 1)[-1] if isinstance(ref, str) else ref  # "Qwen/Qwen-VL--m.C" -> "m.C"
+    for name in ("config.json", "tokenizer_config.json"):
         path = os.path.join(export, name)
         with open(path) as f:
             conf = json.load(f)
-        local = lambda ref: ref.split("--", 1)[-1] if isinstance(ref, str) else ref
-        conf[key] = {k: ([local(r) for r in v] if isinstance(v, list) else local(v)) for k, v in conf[key].items()}
+        conf["auto_map"] = {k: [local(r) for r in v] if isinstance(v, list) else local(v)
+                            for k, v in conf["auto_map"].items()}
         with open(path, "w") as f:
             json.dump(conf, f, indent=2)
 
@@ -139,7 +140,7 @@ def check(work: str, code_dir: str) -> int:
           f"max_abs_logit={mine.abs().max().item():.3g} tokens={len(ids)} pixels_max_diff={pixel_diff:.3g} "
           f"transformers={transformers.__version__} torch={torch.__version__}")
     _long_context(export, ids, mine)
-    greedy = _greedy(model, ids, len(ours["tokens"]) or NEW_TOKENS, [start, start + 1, start + 2], ours["stop_ids"])
+    greedy = _greedy(model, ids, NEW_TOKENS, [start, start + 1, start + 2], ours["stop_ids"])
     same = greedy == ours["tokens"]
     print(f"{'PASS' if same else 'FAIL'} hf_remote_greedy official={greedy} ours={ours['tokens']}")
     return 0 if ok and same else 1
