@@ -206,3 +206,33 @@ def test_bad_code_repo_is_refused(tmp_path):
     from qwenvl_megatron.convert.hf_checkpoint import write_export_metadata
     with pytest.raises(HFCheckpointError, match="not a Hub repository"):
         write_export_metadata(str(tmp_path), QwenVLConfig.from_hf_config(CFG), code_repo="Qwen-VL")
+
+
+def test_export_names_what_the_official_remote_code_would_build_differently(tmp_path, capsys):
+    from qwenvl_megatron.convert.hf_checkpoint import official_code_differences, write_export_metadata
+    from qwenvl_megatron.models.config import qwen_vl_7b, tiny
+
+    assert official_code_differences(qwen_vl_7b()) == []
+    # tests/hf_remote's model: small, but everything the official code reads has the release's meaning
+    small = qwen_vl_7b().replace(llm={"hidden_size": 256, "num_attention_heads": 4, "kv_channels": 64},
+                                 vit={"width": 64, "num_heads": 4}, adapter={"num_heads": 2})
+    assert official_code_differences(small) == []
+    assert official_code_differences(small.replace(vit={"width": 256})) == [
+        "ViT width = output_dim = 256 (it then has no kv_proj)"]
+    assert official_code_differences(tiny()) == [
+        "adapter heads 4 (it builds output_dim // 128 = 0)", "ViT position grid 8x8 (it has 16x16)",
+        "ViT width = output_dim = 64 (it then has no kv_proj)",
+        "16 image queries (its tokenizer writes 256 image positions)"]
+    write_export_metadata(str(tmp_path), tiny())
+    assert "the remote code of Qwen/Qwen-VL cannot run this model as it is: adapter heads 4" in capsys.readouterr().err
+    write_export_metadata(str(tmp_path), small)
+    assert capsys.readouterr().err == ""
+
+
+def test_exported_weights_are_readable_like_the_other_files(hf_state, tmp_path):
+    out = tmp_path / "hf"
+    save_hf_dir(str(out), hf_state, QwenVLConfig.from_hf_config(CFG), max_shard_bytes=2 ** 16)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    mode = (out / "config.json").stat().st_mode & 0o777
+    assert {oct(s.stat().st_mode & 0o777) for s in shards} == {oct(mode)}  # not safetensors' owner-only 0600

@@ -252,6 +252,26 @@ def export_config(cfg: QwenVLConfig, dtype: torch.dtype | None = None,
     return config
 
 
+def official_code_differences(cfg: QwenVLConfig) -> list[str]:
+    """What the official remote code would build differently from this model. It reads only the release's
+    config.json fields (tests/hf_remote checks that it then gives our logits): it derives the adapter heads
+    as output_dim // 128, has a 16x16 ViT position table, drops kv_proj when the ViT width equals output_dim,
+    uses LayerNorm eps 1e-6 in the visual part, and its tokenizer always writes 256 image positions."""
+    v, a, h = cfg.vit, cfg.adapter, cfg.llm.hidden_size
+    out = []
+    if a.num_heads != h // 128:
+        out.append(f"adapter heads {a.num_heads} (it builds output_dim // 128 = {h // 128})")
+    if v.pos_grid != 16:
+        out.append(f"ViT position grid {v.pos_grid}x{v.pos_grid} (it has 16x16)")
+    if v.width == h:
+        out.append(f"ViT width = output_dim = {h} (it then has no kv_proj)")
+    if (v.norm_eps, a.norm_eps) != (1e-6, 1e-6):
+        out.append(f"visual LayerNorm eps {v.norm_eps}/{a.norm_eps} (it uses 1e-6)")
+    if a.num_queries != 256:
+        out.append(f"{a.num_queries} image queries (its tokenizer writes 256 image positions)")
+    return out
+
+
 def tokenizer_config(cfg: QwenVLConfig, code_repo: str = DEFAULT_CODE_REPO) -> dict:
     return {"model_max_length": cfg.llm.max_position_embeddings, "tokenizer_class": "QWenTokenizer",
             "auto_map": {"AutoTokenizer": [remote_ref(code_repo, "tokenization_qwen.QWenTokenizer"), None]}}
@@ -275,6 +295,10 @@ def write_export_metadata(out_dir: str, cfg: QwenVLConfig, dtype: torch.dtype | 
         raise HFCheckpointError(f"generation config {kind!r} unknown; choose one of {sorted(GENERATION_CONFIGS)}")
     gen = dict(GENERATION_CONFIGS[kind])
     _write_json(os.path.join(out_dir, "config.json"), export_config(cfg, dtype, code_repo))
+    differences = official_code_differences(cfg)
+    if differences:  # transformers would build a different network without an error for some of these
+        print(f"note: {out_dir}: the remote code of {code_repo} cannot run this model as it is: "
+              f"{'; '.join(differences)}", file=sys.stderr)
     if tokenizer_file:
         if not os.path.isfile(tokenizer_file):
             raise HFCheckpointError(f"--tokenizer-file {tokenizer_file} does not exist")
@@ -319,6 +343,9 @@ def finalize_hf_dir(out_dir: str, cfg: QwenVLConfig, dtype: torch.dtype | None =
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     with open(os.path.join(out_dir, SAFE_INDEX), "w") as f:
         json.dump(index, f, indent=2)
+    mode = os.stat(os.path.join(out_dir, SAFE_INDEX)).st_mode & 0o777  # what the umask gives a new file
+    for name in set(weight_map.values()):  # safetensors writes its files owner-only (0600)
+        os.chmod(os.path.join(out_dir, name), mode)
     write_export_metadata(out_dir, cfg, dtype, tokenizer_file, code_repo, generation)
     return index
 
