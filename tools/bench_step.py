@@ -125,7 +125,7 @@ def _vs_reference(a, args_list) -> int:
         r, d = rows[name], rows[name]["decode"]
         print(f"{name}: step ours {r['step_s']['median'] * 1e3:.1f} ms, reference {r['reference_step_s']['median'] * 1e3:.1f} ms: "
               f"ratio {r['step_time_ratio']:.3f} (paired {r['paired_ratio']['min']:.2f}-{r['paired_ratio']['max']:.2f}, "
-              f"target {r['target_ratio']}) | decode {d['new_tokens']} tokens: cache {d['generate_s']['cache']['median'] * 1e3:.1f} ms, "
+              f"target {r['target_ratio']}; CPU time ratio {r['cpu_time_ratio']:.3f}) | decode {d['new_tokens']} tokens: cache {d['generate_s']['cache']['median'] * 1e3:.1f} ms, "
               f"recompute {d['generate_s']['recompute']['median'] * 1e3:.1f} ms, reference recompute "
               f"{d['generate_s']['reference_recompute']['median'] * 1e3:.1f} ms", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)

@@ -53,12 +53,16 @@ def decode(config_name: str, ref_module, repeats: int, device, new_tokens: int =
              "reference_recompute": lambda: reference_generate(ref_model, prompt, images, new_tokens)}
     same = greedy_generate(model, prompt, images, new_tokens).tokens == \
         greedy_generate(model, prompt, images, new_tokens, use_cache=False).tokens
-    times = bench.interleaved(cases, device, repeats, warmup=1)
+    cpu = {}
+    times = bench.interleaved(cases, device, repeats, warmup=1, cpu_times=cpu)
     s = {k: bench.summary(v) for k, v in times.items()}
+    c = {k: bench.summary(v) for k, v in cpu.items()}
     return {"config": config_name, "prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens,
-            "repeats": repeats, "generate_s": s, "cache_equals_recompute": same,
+            "repeats": repeats, "generate_s": s, "generate_cpu_s": c, "cache_equals_recompute": same,
             "speedup_vs_recompute": s["recompute"]["median"] / s["cache"]["median"],
-            "speedup_vs_reference_recompute": s["reference_recompute"]["median"] / s["cache"]["median"]}
+            "speedup_vs_reference_recompute": s["reference_recompute"]["median"] / s["cache"]["median"],
+            "cpu_speedup_vs_recompute": c["recompute"]["median"] / c["cache"]["median"],
+            "cpu_speedup_vs_reference_recompute": c["reference_recompute"]["median"] / c["cache"]["median"]}
 
 
 TARGETS = {"tiny": 1.25, "small": 1.05}  # step_time_ratio at most this (issue 11)
@@ -81,6 +85,7 @@ def chart(result: dict, configs, json_path: str) -> str:
     the cache's speed-up over both recomputations (above 1: the cache is faster)."""
     xs = list(enumerate(configs, 1))
     series = {"step ours/ref": [(x, result[c]["step_time_ratio"]) for x, c in xs],
+              "step CPU ours/ref": [(x, result[c]["cpu_time_ratio"]) for x, c in xs],
               "~target": [(x, result[c]["target_ratio"]) for x, c in xs if result[c]["target_ratio"]],
               "decode recomp/cache": [(x, result[c]["decode"]["speedup_vs_recompute"]) for x, c in xs],
               "decode ref/cache": [

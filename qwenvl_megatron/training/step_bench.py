@@ -283,12 +283,17 @@ def vs_reference(config_name: str, ref_module, repeats: int, device) -> dict:
     clip = opt.config.clip_grad
     cases = {"ours": lambda: train_step(model, opt, sched, batch, layout),
              "reference": lambda: reference_step(ref_model, ref_opt, batch, clip)}
-    times = bench.interleaved(cases, device, repeats, warmup=2)
+    cpu = {}
+    times = bench.interleaved(cases, device, repeats, warmup=2, cpu_times=cpu)
     ratios = [a / b for a, b in zip(times["ours"], times["reference"])]  # neighbours in time: paired
     ours, ref = bench.summary(times["ours"]), bench.summary(times["reference"])
+    cpu_ours, cpu_ref = bench.summary(cpu["ours"]), bench.summary(cpu["reference"])
     return {"config": config_name, "seq_length": seq, "image_size": image_size, "micro_batch_size": mbs,
             "microbatches": m, "repeats": repeats, "step_s": ours, "reference_step_s": ref,
-            "step_time_ratio": ours["median"] / ref["median"], "paired_ratio": bench.summary(ratios)}
+            "step_time_ratio": ours["median"] / ref["median"], "paired_ratio": bench.summary(ratios),
+            "step_cpu_s": cpu_ours, "reference_step_cpu_s": cpu_ref,
+            "cpu_time_ratio": cpu_ours["median"] / cpu_ref["median"],
+            "paired_cpu_ratio": bench.summary([a / b for a, b in zip(cpu["ours"], cpu["reference"])])}
 
 
 __all__ = ["PHASES", "bubble_formula", "config", "phases", "bubble", "charts", "vs_reference", "reference_step",
