@@ -237,17 +237,30 @@ def _patch_collectives():
 
 def _l2_norm_on_device(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """megatron's no-apex fallback for `multi_tensor_l2norm`, without its round trip through a host
-    tensor and a Python float: the norm stays where the gradients are."""
-    norms = [torch.norm(t) for tensors in tensor_lists for t in tensors]
+    tensor and a Python float, and one foreach call instead of a Python loop: the norm stays where the
+    gradients are."""
+    norms = [n for tensors in tensor_lists for n in torch._foreach_norm(tensors)]
     return torch.norm(torch.stack(norms)).float().reshape(1), None
+
+
+def _scale_on_device(chunk_size, noop_flag, tensor_lists, scale):
+    """megatron's no-apex fallback for `multi_tensor_scale` (gradient clipping), in place and in one foreach
+    call where source and destination are the same tensors (its fallback copies `src * scale` per tensor)."""
+    src, dst = tensor_lists
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
 
 
 def _patch_grad_norm():
     import megatron.core.optimizer.clip_grads as clip_grads
-    from megatron.core.utils import local_multi_tensor_l2_norm
+    from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
 
     if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:
         clip_grads.l2_norm_impl = _l2_norm_on_device
+    if clip_grads.multi_tensor_scale_impl is local_multi_tensor_scale:
+        clip_grads.multi_tensor_scale_impl = _scale_on_device
 
 
 def is_active() -> bool:
