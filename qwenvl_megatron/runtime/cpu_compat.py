@@ -13,9 +13,11 @@ Where a CUDA tensor is asked for, the answer is the *stand-in* device: the CPU, 
 
 The answers to device requests come from a function mode, a Python hook on every torch call: it costs more
 than a small model's kernels. So the hot paths run without it (`plain_torch`): megatron's `forward_step` and
-`backward_step` (the model's math; its one CUDA request there, the causal mask, is answered by a patch)
-and the torch optimizers' `step`. Only megatron's bookkeeping (schedules, grad norm, DDP, checkpoints)
-goes through the hook.
+`backward_step` (the model's math; its one CUDA request there, the causal mask, is answered by a patch),
+the torch optimizers' `step` and generation's model call. Only megatron's bookkeeping (schedules, grad
+norm, DDP, checkpoints) goes through the hook. Also for speed on a CPU: megatron's no-apex norm and
+clipping fallbacks become one foreach call each, and gloo all-reduce/broadcast over a group of one rank
+return at once (docs/performance.md, "Trainer overhead").
 """
 from __future__ import annotations
 
