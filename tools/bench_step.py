@@ -118,6 +118,9 @@ def _vs_reference(a, args_list) -> int:
     configs = ["smoke"] if a.smoke else [c for c in a.configs]
     repeats, decode_repeats = (2, 1) if a.smoke else (a.repeats, a.decode_repeats)
     device = initialize(1, 1)
+    if device.type != "cpu":
+        raise SystemExit("--vs-reference compares on the CPU: the reference model (tests/reference_qwenvl.py) "
+                         "builds its tensors there")
     rows = overhead_bench.vs_reference(configs, _load_reference(), repeats, decode_repeats, device)
     result = {"environment": bench.environment(device), "command": "tools/bench_step.py " + " ".join(args_list),
               **rows}
