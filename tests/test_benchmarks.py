@@ -108,3 +108,16 @@ def test_measuring_the_peak_leaves_the_seeded_rng_alone():
     state = torch.get_rng_state()
     assert measure_matmul_tflops(seconds=0.05, n=64) > 0
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_bench_step_vs_reference_smoke(tmp_path):
+    r = _run("bench_step.py", tmp_path / "vs.json", "--vs-reference")
+    s = r["smoke"]
+    assert s["step_s"]["n"] == s["reference_step_s"]["n"] == 2
+    assert s["step_time_ratio"] == pytest.approx(s["step_s"]["median"] / s["reference_step_s"]["median"])
+    assert s["paired_ratio"]["min"] <= s["paired_ratio"]["median"] <= s["paired_ratio"]["max"]
+    d = s["decode"]
+    assert d["cache_equals_recompute"] is True
+    assert set(d["generate_s"]) == {"cache", "recompute", "reference_recompute"}
+    assert d["speedup_vs_recompute"] == pytest.approx(d["generate_s"]["recompute"]["median"]
+                                                      / d["generate_s"]["cache"]["median"])

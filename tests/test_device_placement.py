@@ -112,9 +112,10 @@ def test_a_collective_refuses_a_host_tensor():
 
 
 def test_the_finite_check_of_a_fully_frozen_stage_reduces_on_the_device(monkeypatch):
-    """Stage 1 under PP > 1: the LLM-only stages have no gradient buffer, yet join the all-reduce."""
+    """Stage 1 under PP > 1: the LLM-only stages have no gradient buffer and no optimizer state, yet join the
+    all-reduce of the gradient norm (the trainer's finite check) with a tensor on the device."""
     from qwenvl_megatron.models.parallel import PARTS
-    from qwenvl_megatron.training.train import grads_finite
+    from qwenvl_megatron.training.train import optimizer_update
 
     class Reduced(Exception):
         pass
@@ -126,9 +127,10 @@ def test_the_finite_check_of_a_fully_frozen_stage_reduces_on_the_device(monkeypa
     with device_discipline("meta") as dev:
         model = build_model(tiny(), ParallelPlan(), freeze=lambda m: freeze(m, PARTS))
         assert model[0].buffers == []
+        optimizer = build_optimizer(model, tiny(), OptimizerSettings())
         monkeypatch.setattr(dist, "all_reduce", all_reduce)
         with pytest.raises(Reduced) as got:
-            grads_finite(model)
+            optimizer_update(optimizer)
     assert got.value.args[0] == dev
 
 

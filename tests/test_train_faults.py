@@ -1,6 +1,7 @@
 """Faults around the trainer (issue #13): diverged weights never become the marker, checkpoints that
 would be rolled back are refused, a failed save says why in one line, missing inputs fail before anything
 is built. Trainer runs are subprocesses under device_discipline("cpu") (tests/workers/disciplined_train.py)."""
+import math
 import os
 import resource
 import subprocess
@@ -143,3 +144,57 @@ def test_missing_inputs_fail_in_one_line_before_anything_is_built(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"--data-path {nowhere}: {nowhere}.bin not found (expected the "
                                                 f"PREFIX.bin/PREFIX.idx pair written by tools/preprocess_data.py)"]
+
+
+def test_a_non_finite_gradient_skips_the_update_and_a_finite_one_matches_megatrons_step(monkeypatch):
+    """train_step checks the gradients through the clipping norm (no pass of its own): a NaN in one reduced
+    gradient under a finite loss leaves weights, optimizer and LR schedule as they were; a clean step updates
+    exactly as megatron's own `optimizer.step()` does."""
+    import torch
+
+    from qwenvl_megatron.data.loader import MockLoader
+    from qwenvl_megatron.models.config import tiny
+    from qwenvl_megatron.models.parallel import ParallelPlan
+    from qwenvl_megatron.runtime import initialize
+    from qwenvl_megatron.training import train
+    from qwenvl_megatron.training.layout import Layout
+    from qwenvl_megatron.training.optimizer import OptimizerSettings, build_optimizer, build_scheduler
+    from qwenvl_megatron.training.step import build_model, forward_backward
+
+    cfg = tiny().replace(vit={"image_size": 56})
+    batch = MockLoader(2, 48, cfg.llm.vocab_size, 56, cfg.image_start_id, cfg.adapter.num_queries).global_batch(0, 1)
+    layout = Layout(1, 1, 1, 1, 2, 2, 1, 48)
+
+    def fresh():
+        initialize(1, 1, seed=5)
+        model = build_model(cfg, ParallelPlan())
+        opt = build_optimizer(model, cfg, OptimizerSettings(lr=1e-3, clip_grad=1e-3))  # the clip acts
+        return model, opt, build_scheduler(opt, OptimizerSettings(lr=1e-3), 1, 10)
+
+    def weights(model):
+        return [p.detach().clone() for p in model[0].parameters()]
+
+    model, opt, sched = fresh()
+    before, lr_before = weights(model), opt.param_groups[0]["lr"]
+
+    def poisoned(model_, *args, **kwargs):
+        out = forward_backward(model_, *args, **kwargs)
+        model_[0].buffers[0].grad_data[3] = float("nan")
+        return out
+
+    monkeypatch.setattr(train, "forward_backward", poisoned)
+    loss, norm, updated = train.train_step(model, opt, sched, list(batch), layout)
+    assert math.isfinite(loss) and math.isnan(norm) and not updated
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+    assert opt.param_groups[0]["lr"] == lr_before and sched.num_steps == 0
+    monkeypatch.undo()
+    loss, norm, updated = train.train_step(model, opt, sched, list(batch), layout)
+    assert updated and math.isfinite(norm) and norm > 1e-3
+
+    ref_model, ref_opt, _ = fresh()  # the same clean step through megatron's optimizer.step()
+    for chunk in ref_model:
+        chunk.zero_grad_buffer()
+    forward_backward(ref_model, list(batch), 1, 48, 2)
+    ok, ref_norm, _ = ref_opt.step()
+    assert ok and ref_norm == pytest.approx(norm, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), weights(ref_model)))

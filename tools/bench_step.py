@@ -1,9 +1,14 @@
 #!/usr/bin/env python
 """One training step broken into phases (data wait, forward, backward, gradient reduction, optimizer,
-checkpoint) and the pipeline bubble for PP 1/2/4 against the 1F1B formula (p-1)/(m+p-1).
+checkpoint) and the pipeline bubble for PP 1/2/4 against the 1F1B formula (p-1)/(m+p-1); or, with
+--vs-reference, one trainer step and KV-cache decoding against the test suite's plain-PyTorch model.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python tools/bench_step.py --json OUT.json
     python tools/bench_step.py --configs small --pp 1 2 4 --json OUT.json
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python tools/bench_step.py --vs-reference --json OUT.json
+
+--vs-reference writes {"tiny": {"step_time_ratio": ours / reference, "paired_ratio": {...}, "decode":
+{...}}, "small": {...}} (fp32, 1 thread, interleaved; definitions: qwenvl_megatron/inference/overhead_bench.py).
 
 Writes OUT.json (every figure, the device and versions), OUT.png (phases) and OUT_bubble.png. The phase
 breakdown runs in this process (world of one); each PP size runs as its own torchrun job of PP processes
@@ -37,6 +42,10 @@ def main(argv=None) -> int:
     p.add_argument("--bubble-steps", type=int, default=3)
     p.add_argument("--no-checkpoint", action="store_true", help="skip the checkpoint phase")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, PP 2 only, seconds (the tests' mode)")
+    p.add_argument("--vs-reference", action="store_true",
+                   help="one trainer step and greedy decoding against tests/reference_qwenvl.py (plain PyTorch)")
+    p.add_argument("--repeats", type=int, default=15, help="--vs-reference: interleaved repeats of the step")
+    p.add_argument("--decode-repeats", type=int, default=5, help="--vs-reference: interleaved generations")
     p.add_argument("--bubble-worker", action="store_true", help=argparse.SUPPRESS)
     args_list = sys.argv[1:] if argv is None else argv
     a = p.parse_args(args_list)
@@ -54,6 +63,8 @@ def main(argv=None) -> int:
         dist.destroy_process_group()
         return 0
 
+    if a.vs_reference:
+        return _vs_reference(a, args_list)
     if a.smoke:
         a.configs, a.steps, a.pp, a.bubble_config, a.microbatches, a.bubble_steps = ["smoke"], 1, [2], "smoke", 4, 1
     device = initialize(1, 1)
@@ -84,6 +95,44 @@ def main(argv=None) -> int:
                   f"{', '.join(f'{b:.3f}' for b in row['bubble_measured_per_stage'])}), 1F1B formula "
                   f"{row['bubble_formula']:.3f}", flush=True)
     result["charts"] = step_bench.charts(result, a.json)
+    bench.write_json(a.json, result)
+    print(f"wrote {a.json} and {', '.join(result['charts'])}")
+    return 0
+
+
+def _load_reference():
+    """The test suite's reference model, loaded by path: it stays test-owned and independent of the package."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reference_qwenvl", os.path.join(ROOT, "tests", "reference_qwenvl.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _vs_reference(a, args_list) -> int:
+    import torch
+
+    from qwenvl_megatron.inference import overhead_bench
+    from qwenvl_megatron.runtime import bench, initialize
+    torch.set_num_threads(1)  # the comparison is defined at one thread (issue 11)
+    configs = ["smoke"] if a.smoke else [c for c in a.configs]
+    repeats, decode_repeats = (2, 1) if a.smoke else (a.repeats, a.decode_repeats)
+    device = initialize(1, 1)
+    if device.type != "cpu":
+        raise SystemExit("--vs-reference compares on the CPU: the reference model (tests/reference_qwenvl.py) "
+                         "builds its tensors there")
+    rows = overhead_bench.vs_reference(configs, _load_reference(), repeats, decode_repeats, device)
+    result = {"environment": bench.environment(device), "command": "tools/bench_step.py " + " ".join(args_list),
+              **rows}
+    for name in configs:
+        r, d = rows[name], rows[name]["decode"]
+        print(f"{name}: step ours {r['step_s']['median'] * 1e3:.1f} ms, reference {r['reference_step_s']['median'] * 1e3:.1f} ms: "
+              f"ratio {r['step_time_ratio']:.3f} (paired {r['paired_ratio']['min']:.2f}-{r['paired_ratio']['max']:.2f}, "
+              f"target {r['target_ratio']}; CPU time ratio {r['cpu_time_ratio']:.3f}) | decode {d['new_tokens']} tokens: cache {d['generate_s']['cache']['median'] * 1e3:.1f} ms, "
+              f"recompute {d['generate_s']['recompute']['median'] * 1e3:.1f} ms, reference recompute "
+              f"{d['generate_s']['reference_recompute']['median'] * 1e3:.1f} ms", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    result["charts"] = [overhead_bench.chart(rows, configs, a.json)]
     bench.write_json(a.json, result)
     print(f"wrote {a.json} and {', '.join(result['charts'])}")
     return 0

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from ..runtime.cpu_compat import plain_torch
+
 
 @dataclass
 class Generation:
@@ -41,7 +43,8 @@ def stage_forward(model, input_ids: torch.Tensor, images: torch.Tensor | None,
         hidden = torch.empty(s, b, model.config.hidden_size, dtype=dtype, device=_device(model))
         dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(hidden)
-    out = model(input_ids, images if first else None, inference_context=inference_context)
+    with plain_torch():  # the model's math asks for no CUDA tensor: no per-op hook (runtime.cpu_compat)
+        out = model(input_ids, images if first else None, inference_context=inference_context)
     if not last:
         dist.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
         return None

@@ -7,6 +7,7 @@ lowest float so the softmax, the loss and anything a user sees equal the unpadde
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -124,7 +125,11 @@ class QwenLanguageModel(MegatronModule):
             return loss.masked_fill(~keep, 0.0)
         rows = keep.nonzero(as_tuple=True)
         logits = self._logits(hidden[rows].unsqueeze(1))  # [n, 1, v/tp]: megatron's linear layers want 3-D
-        picked = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), t[rows].unsqueeze(1)).squeeze(1)
+        if self.config.tensor_model_parallel_size == 1:  # the whole vocabulary here: torch's fused loss
+            # (megatron's vocab-parallel one, a Python autograd function, costs twice as much on a small model)
+            picked = F.cross_entropy(logits.squeeze(1).float(), t[rows], reduction="none")
+        else:
+            picked = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), t[rows].unsqueeze(1)).squeeze(1)
         return torch.zeros(t.shape, dtype=picked.dtype, device=picked.device).index_put(rows, picked)
 
     def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:

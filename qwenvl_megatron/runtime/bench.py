@@ -77,17 +77,25 @@ def summary(values: list[float]) -> dict:
 
 
 def interleaved(cases: dict[str, Callable[[], object]], device: torch.device, repeats: int,
-                warmup: int = 1) -> dict[str, list[float]]:
-    """{name: [seconds per repeat]}: every case once per repeat, the order rotated each repeat."""
+                warmup: int = 1, cpu_times: dict | None = None) -> dict[str, list[float]]:
+    """{name: [seconds per repeat]}: every case once per repeat, the order rotated each repeat.
+
+    `cpu_times`, when given, receives {name: [CPU seconds of this process per repeat]}: on a shared machine
+    a single-threaded CPU case's CPU time hardly depends on what else runs, its wall time does."""
     names = list(cases)
     for _ in range(warmup):
         for name in names:
             cases[name]()
     times: dict[str, list[float]] = {n: [] for n in names}
+    if cpu_times is not None:
+        cpu_times.update({n: [] for n in names})
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            c0 = time.process_time()
             times[name].append(timed(cases[name], device))
+            if cpu_times is not None:
+                cpu_times[name].append(time.process_time() - c0)
     return times
 
 

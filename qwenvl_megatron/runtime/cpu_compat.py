@@ -10,13 +10,23 @@ It is a no-op when CUDA is available, so the same program runs unchanged on GPUs
 
 Where a CUDA tensor is asked for, the answer is the *stand-in* device: the CPU, except inside
 `runtime.device_discipline`, which can make the stand-in `meta` to check placement of a model of any size.
+
+The answers to device requests come from a function mode, a Python hook on every torch call: it costs more
+than a small model's kernels. So the hot paths run without it (`plain_torch`): megatron's `forward_step` and
+`backward_step` (the model's math; its one CUDA request there, the causal mask, is answered by a patch),
+the torch optimizers' `step` and generation's model call. Only megatron's bookkeeping (schedules, grad
+norm, DDP, checkpoints) goes through the hook. Also for speed on a CPU: megatron's no-apex norm and
+clipping fallbacks become one foreach call each, and gloo all-reduce/broadcast over a group of one rank
+return at once (docs/performance.md, "Trainer overhead").
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import torch
+import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 _lock = threading.Lock()
@@ -152,19 +162,107 @@ def _patch_rng():
     ckpt.backward = staticmethod(backward)
 
 
+@contextlib.contextmanager
+def plain_torch():
+    """The block runs without the CUDA-to-stand-in hook (for code that makes no CUDA requests: model and
+    optimizer math). Other function modes (e.g. a `torch.device` context) stay, in their order."""
+    stack = torch.overrides._get_current_function_mode_stack()
+    if not any(isinstance(m, _CudaToStandIn) for m in stack):
+        yield
+        return
+    for _ in stack:
+        torch.overrides._pop_mode()
+    for m in stack:
+        if not isinstance(m, _CudaToStandIn):
+            torch.overrides._push_mode(m)
+    try:
+        yield
+    finally:
+        while torch.overrides._get_current_function_mode_stack():
+            torch.overrides._pop_mode()
+        for m in stack:
+            torch.overrides._push_mode(m)
+
+
+def _plain(fn):
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with plain_torch():
+            return fn(*args, **kwargs)
+    run.__qvl_plain__ = True
+    return run
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_mask(sq: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(sq, sq, dtype=torch.bool, device=device).triu(1)
+
+
+def _patch_hot_paths():
+    """Run the model's forward/backward and the optimizers' update without the hook (see the docstring)."""
+    import megatron.core.fusions.fused_softmax as fused_softmax
+    from megatron.core.pipeline_parallel import schedules
+
+    # The unfused softmax asks for a fresh [sq, sq] causal mask on "cuda" in every layer: one per length.
+    fused_softmax.get_default_causal_mask = lambda sq: _causal_mask(sq, _stand_in)
+    for name in ("forward_step", "backward_step"):
+        fn = getattr(schedules, name)
+        if not getattr(fn, "__qvl_plain__", False):
+            setattr(schedules, name, _plain(fn))
+    for cls in (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD):
+        if not getattr(cls.step, "__qvl_plain__", False):
+            cls.step = _plain(cls.step)
+
+
+def _skip_single_rank(fn):
+    """gloo makes a round trip (~0.1-0.3 ms) even over a group of one rank, where all-reduce and broadcast
+    change nothing; megatron issues a dozen per step over its size-1 groups (TP cross-entropy, DP, norms)."""
+    @functools.wraps(fn)
+    def run(tensor, *args, **kwargs):
+        # all_reduce(tensor, op, group, async_op), broadcast(tensor, src, group, async_op, ...)
+        group = kwargs.get("group", args[1] if len(args) > 1 else None)
+        async_op = kwargs.get("async_op", args[2] if len(args) > 2 else False)
+        if (not async_op and dist.is_initialized()
+                and dist.get_world_size(group) == 1):
+            return None
+        return fn(tensor, *args, **kwargs)
+    run.__qvl_single_rank__ = True
+    return run
+
+
+def _patch_collectives():
+    for name in ("all_reduce", "broadcast"):
+        fn = getattr(dist, name)
+        if not getattr(fn, "__qvl_single_rank__", False):
+            setattr(dist, name, _skip_single_rank(fn))
+
+
 def _l2_norm_on_device(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """megatron's no-apex fallback for `multi_tensor_l2norm`, without its round trip through a host
-    tensor and a Python float: the norm stays where the gradients are."""
-    norms = [torch.norm(t) for tensors in tensor_lists for t in tensors]
+    tensor and a Python float, and one foreach call instead of a Python loop: the norm stays where the
+    gradients are."""
+    norms = [n for tensors in tensor_lists for n in torch._foreach_norm(tensors)]
     return torch.norm(torch.stack(norms)).float().reshape(1), None
+
+
+def _scale_on_device(chunk_size, noop_flag, tensor_lists, scale):
+    """megatron's no-apex fallback for `multi_tensor_scale` (gradient clipping), in place and in one foreach
+    call where source and destination are the same tensors (its fallback copies `src * scale` per tensor)."""
+    src, dst = tensor_lists
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
 
 
 def _patch_grad_norm():
     import megatron.core.optimizer.clip_grads as clip_grads
-    from megatron.core.utils import local_multi_tensor_l2_norm
+    from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
 
     if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:
         clip_grads.l2_norm_impl = _l2_norm_on_device
+    if clip_grads.multi_tensor_scale_impl is local_multi_tensor_scale:
+        clip_grads.multi_tensor_scale_impl = _scale_on_device
 
 
 def is_active() -> bool:
@@ -183,6 +281,8 @@ def enable_cpu_compat() -> bool:
         torch.cuda.synchronize = lambda *a, **k: None
         _patch_rng()
         _patch_grad_norm()
+        _patch_hot_paths()
+        _patch_collectives()
         _mode = _CudaToStandIn()
         _mode.__enter__()
         return True

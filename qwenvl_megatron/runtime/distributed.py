@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_compat
-from .layer_impl import note_fallbacks
+from .layer_impl import note_fallbacks, skip_tp_group_warning
 
 
 def device() -> torch.device:
@@ -48,6 +48,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
                                              pipeline_model_parallel_size=pipeline_parallel)
+    skip_tp_group_warning()
     mtp.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     note_fallbacks(dist.get_rank())  # megatron's TE/apex warnings, said once (runtime/layer_impl.py)

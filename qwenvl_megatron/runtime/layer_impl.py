@@ -34,6 +34,34 @@ def quiet_megatron_fallback_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=UserWarning, module=r"megatron\.")
 
 
+def skip_tp_group_warning() -> None:
+    """megatron-core 0.16's RowParallelLinear passes `tp_group=None` to its own linear function, which then
+    issues a DeprecationWarning (hidden by the default filters) on every call: ~20-30 us of warning
+    machinery per layer call, a few percent of a small model's step and of each decoded token. Answers a
+    missing group with the default one, as megatron does, without the warning."""
+    import megatron.core.utils as mutils
+    import torch
+    from megatron.core import parallel_state
+
+    original = mutils.get_tensor_model_parallel_group_if_none
+    if getattr(original, "__qvl_quiet__", False):
+        return
+
+    def tp_group_or_default(tp_group, is_expert=False, check_initialized=True):
+        if tp_group is None and torch.distributed.is_initialized() and parallel_state.is_initialized():
+            get = (parallel_state.get_expert_tensor_parallel_group if is_expert
+                   else parallel_state.get_tensor_model_parallel_group)
+            return get(check_initialized=check_initialized)
+        return original(tp_group, is_expert=is_expert, check_initialized=check_initialized)
+
+    tp_group_or_default.__qvl_quiet__ = True
+    for name, module in list(sys.modules.items()):  # every megatron module that imported it by name (and
+        # megatron.core.utils itself, for those imported later)
+        if name.startswith("megatron.core") and getattr(module, "get_tensor_model_parallel_group_if_none",
+                                                        None) is original:
+            module.get_tensor_model_parallel_group_if_none = tp_group_or_default
+
+
 def note_fallbacks(rank: int | None = None, file=None) -> bool:
     """Print FALLBACK_NOTE once per process, on rank 0, when megatron-core is imported and neither Transformer
     Engine nor apex is. Returns True when it printed."""

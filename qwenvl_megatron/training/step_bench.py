@@ -1,7 +1,7 @@
 """One training step broken into phases, and the 1F1B pipeline bubble (tools/bench_step.py is the CLI).
 
-Phases of a step, timed on the trainer's own code (`train.grads_finite`, `step.forward_backward`, megatron's
-optimizer, `checkpoint.save_checkpoint`):
+Phases of a step, timed on the trainer's own code (`step.forward_backward`, `train.optimizer_update`,
+`checkpoint.save_checkpoint`):
 
 - data wait: the next global batch from the loader onto the device (the mock loader builds it in the loop,
   with no background thread: an upper bound of what the real loader's thread leaves to wait for);
@@ -9,8 +9,8 @@ optimizer, `checkpoint.save_checkpoint`):
   loss included in the forward of the last stage);
 - gradient reduction: `finalize_model_grads` (data-parallel all-reduce or reduce-scatter, the
   layer-norm / embedding reductions);
-- grad check: the trainer's finite check of the reduced gradients; optimizer: `optimizer.step()` (norm,
-  clipping, AdamW); schedule other: the rest of the schedule (p2p sends and waits, bookkeeping);
+- optimizer: `train.optimizer_update` (the gradient norm, which is also the finite check, clipping, AdamW);
+  schedule other: the rest of the schedule (p2p sends and waits, bookkeeping);
 - checkpoint: one save of model and optimizer (a separate figure: it is paid once per --save-interval).
 
 Pipeline bubble: with PP p and m microbatches, 1F1B keeps each stage idle for (p-1)/(m+p-1) of the
@@ -29,7 +29,7 @@ import torch
 
 from ..runtime import bench
 
-PHASES = ("data_wait", "forward", "backward", "grad_reduction", "schedule_other", "grad_check", "optimizer")
+PHASES = ("data_wait", "forward", "backward", "grad_reduction", "schedule_other", "optimizer")
 
 
 def bubble_formula(pp: int, microbatches: int) -> float:
@@ -115,7 +115,7 @@ def _build(cfg, seq, image_size, mbs, microbatches, device, seed=1):
 def _one_step(model, opt, sched, batches, layout, timer, device) -> dict:
     from ..data.loader import gather_images
     from .step import forward_backward
-    from .train import _to_device, grads_finite
+    from .train import _to_device, optimizer_update
     times = {}
     timer.reset()
     bench.sync(device)
@@ -134,9 +134,8 @@ def _one_step(model, opt, sched, batches, layout, timer, device) -> dict:
     times.update(timer.totals)
     times["schedule_other"] = schedule - sum(timer.totals.values())
     times["schedule"] = schedule
-    times["grad_check"] = bench.timed(lambda: grads_finite(model), device)
     t2 = time.perf_counter()
-    opt.step()
+    optimizer_update(opt)
     sched.step(1)
     bench.sync(device)
     times["optimizer"] = time.perf_counter() - t2
@@ -218,7 +217,7 @@ def charts(result: dict, json_path: str) -> list[str]:
         series = {}
         for name, ph in result["phases"].items():
             series[name] = [(k + 1, ph["share_of_step"][p]) for k, p in enumerate(PHASES)]
-        short = ("data", "fwd", "bwd", "reduce", "sched", "check", "optim")
+        short = ("data", "fwd", "bwd", "reduce", "sched", "optim")
         paths.append(bench.chart(bench.png_path(json_path), series,
                                  title="share of step: " + " ".join(f"{k + 1} {p}" for k, p in enumerate(short)),
                                  xlabel="phase", ylabel="share of step", lines=False))
@@ -232,4 +231,70 @@ def charts(result: dict, json_path: str) -> list[str]:
     return paths
 
 
-__all__ = ["PHASES", "bubble_formula", "config", "phases", "bubble", "charts"]
+
+
+# ---- one trainer step against an independent plain-PyTorch model doing the same work (issue 11) ----
+
+def reference_step(ref_model, ref_opt, batch: list, clip_grad: float) -> float:
+    """The reference's step on the trainer's global batch: loss over the supervised tokens only (the trainer
+    sends only those through the LM head), mean over the global batch, gradient clipping, AdamW."""
+    import torch.nn.functional as F
+    from .step import IGNORE_INDEX
+    ref_opt.zero_grad(set_to_none=True)
+    count = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batch)
+    total = 0.0
+    for b in batch:
+        x = ref_model.embed(b["input_ids"], b.get("images"))
+        for block in ref_model.transformer.h:
+            x = block(x)
+        keep = b["targets"] != IGNORE_INDEX
+        logits = ref_model.lm_head(ref_model.transformer.ln_f(x[keep])).float()
+        loss = F.cross_entropy(logits, b["targets"][keep], reduction="sum")
+        (loss / count).backward()
+        total += float(loss)
+    torch.nn.utils.clip_grad_norm_(ref_model.parameters(), clip_grad)
+    ref_opt.step()
+    return total / count
+
+
+def build_reference(ref_module, cfg, settings):
+    """The reference model of `cfg` (random HF weights) and torch's AdamW with the trainer's hyperparameters:
+    weight decay on matrices only, as `training.optimizer` groups them."""
+    ref_model = ref_module.ReferenceQwenVL(cfg.to_hf_config())
+    ref_model.load_state_dict(ref_module.random_hf_state_dict(cfg.to_hf_config()), strict=False)
+    decay = [p for p in ref_model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in ref_model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr,
+                            betas=(settings.adam_beta1, settings.adam_beta2), eps=settings.adam_eps)
+    return ref_model, opt
+
+
+def vs_reference(config_name: str, ref_module, repeats: int, device) -> dict:
+    """One trainer step (`train.train_step`: megatron schedule, DDP buffers, its AdamW) against the reference
+    model's forward + backward + AdamW on the same batch, interleaved; ratio = ours / reference."""
+    from .optimizer import OptimizerSettings
+    from .train import _to_device, train_step
+    cfg, seq, image_size, mbs, m = config(config_name)
+    cfg = cfg.replace(vit={"image_size": image_size})
+    model, opt, sched, loader, layout = _build(cfg, seq, image_size, mbs, m, device)
+    batch = [_to_device(b, device) for b in loader.global_batch(0, m)]
+    ref_model, ref_opt = build_reference(ref_module, cfg, OptimizerSettings())
+    clip = opt.config.clip_grad
+    cases = {"ours": lambda: train_step(model, opt, sched, batch, layout),
+             "reference": lambda: reference_step(ref_model, ref_opt, batch, clip)}
+    cpu = {}
+    times = bench.interleaved(cases, device, repeats, warmup=2, cpu_times=cpu)
+    ratios = [a / b for a, b in zip(times["ours"], times["reference"])]  # neighbours in time: paired
+    ours, ref = bench.summary(times["ours"]), bench.summary(times["reference"])
+    cpu_ours, cpu_ref = bench.summary(cpu["ours"]), bench.summary(cpu["reference"])
+    return {"config": config_name, "seq_length": seq, "image_size": image_size, "micro_batch_size": mbs,
+            "microbatches": m, "repeats": repeats, "step_s": ours, "reference_step_s": ref,
+            "step_time_ratio": ours["median"] / ref["median"], "paired_ratio": bench.summary(ratios),
+            "step_cpu_s": cpu_ours, "reference_step_cpu_s": cpu_ref,
+            "cpu_time_ratio": cpu_ours["median"] / cpu_ref["median"],
+            "paired_cpu_ratio": bench.summary([a / b for a, b in zip(cpu["ours"], cpu["reference"])])}
+
+
+__all__ = ["PHASES", "bubble_formula", "config", "phases", "bubble", "charts", "vs_reference", "reference_step",
+           "build_reference"]

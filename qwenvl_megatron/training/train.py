@@ -87,16 +87,24 @@ def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def grads_finite(model) -> bool:
-    """True when every gradient of every rank is finite (checked on the reduced grad buffers). A pipeline
-    stage with every parameter frozen (stage 1's LLM-only stages) has no buffer but still takes part."""
-    bad = 0.0
-    for chunk in model:
-        for buf in getattr(chunk, "buffers", []):
-            bad += float(not torch.isfinite(buf.grad_data).all())
-    flag = torch.tensor([bad], device=runtime_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0
+def optimizer_update(optimizer) -> tuple[bool, float]:
+    """megatron's `optimizer.step()`, split so that nothing is applied unless the gradient norm is finite:
+    (updated, grad norm). The norm is the one clipping needs anyway, reduced over every rank holding a part
+    of the gradients (a fully frozen pipeline stage joins with zero), so it is non-finite on every rank
+    exactly when some reduced gradient is (or when the norm itself overflows fp32, past ~1e19): the finite
+    check costs no extra pass over the gradients."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    if optimizer.prepare_grads():  # fp16 loss scaling found an inf (and lowered the scale)
+        return False, float("nan")
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(part, "is_stub_optimizer", False) else part.get_parameters()
+        if params and part.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(params, part.config.clip_grad, grad_norm,
+                                         part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
 def train_step(model, optimizer, scheduler, batches: list, layout: Layout,
@@ -108,12 +116,12 @@ def train_step(model, optimizer, scheduler, batches: list, layout: Layout,
     optimizer.zero_grad()
     loss, _ = forward_backward(model, batches, layout.num_microbatches, layout.seq_length,
                                layout.micro_batch_size, stats=stats)
-    if not math.isfinite(loss) or not grads_finite(model):
+    if not math.isfinite(loss):  # the same on every rank: forward_backward reduced it
         return loss, float("nan"), False
-    updated, grad_norm, _ = optimizer.step()
+    updated, grad_norm = optimizer_update(optimizer)
     if updated:
         scheduler.step(1)
-    return loss, float(grad_norm) if grad_norm is not None else float("nan"), bool(updated)
+    return loss, grad_norm, updated
 
 
 def current_lr(optimizer) -> float:
