@@ -9,7 +9,8 @@
 #    stage 2 (all trainable, multi-task), stage 3 (ViT frozen, ChatML SFT): each stage is
 #    `torchrun -m qwenvl_megatron.training.train` on 2 CPU processes (gloo, fp32, data parallel) and
 #    loads only the weights of the stage before (--load ... --load-weights-only);
-# 3. the last checkpoint converted to HF, captions generated for held-out images and scored;
+# 3. the last checkpoint converted to HF, captions generated for held-out images and scored, and the same
+#    images asked stage 3's ChatML question "what is in the picture?" (answers scored by the same rule);
 # 4. the training curves of every stage drawn from their TensorBoard logs (WORK/training.png,
 #    tools/plot_training.py) and a summary table. Exit status non-zero when a step fails or held-out
 #    caption accuracy is below DEMO_MIN_ACCURACY (default 0.9, the target; measured 0.966 and 0.970 for seeds 0 and 1).
@@ -136,7 +137,8 @@ preprocess() {  # preprocess NAME INPUT SEQ
 
 # ------------------------------------------------------------------------------------------- 1. data
 data_start=$SECONDS
-if [ "${DEMO_REUSE_DATA:-0}" = 1 ] && [ -f "$WORK/datasets/stage3.idx" ] && [ -f "$CONFIG" ]; then
+if [ "${DEMO_REUSE_DATA:-0}" = 1 ] && [ -f "$WORK/datasets/stage3.idx" ] && [ -f "$CONFIG" ] \
+   && [ -f "$DATA/heldout_chat.jsonl" ]; then
   echo "==> [data] reusing $WORK/data and $WORK/datasets (DEMO_REUSE_DATA=1)"
 else
   rm -rf "$DATA" "$WORK/datasets" "$WORK/tokenizer"
@@ -169,9 +171,9 @@ train stage3 STAGE3 --load "$CKPT/stage2" --load-weights-only
 # ------------------------------------------------------------------------------------------- 3. HF + eval
 run convert "$PY" tools/convert_checkpoint.py mcore-to-hf --load "$CKPT/stage3" --out "$WORK/hf"
 OMP_NUM_THREADS=2 run evaluate "$PY" tools/evaluate.py --hf-dir "$WORK/hf" --tokenizer-type sentencepiece \
-  --tokenizer-model "$TOK" --data "$DATA/heldout.jsonl" --output "$WORK/eval.json" \
-  --caption-prompt "Generate the caption in English:" --caption-metric synthetic --max-new-tokens 16 \
-  --micro-batch-size 100
+  --tokenizer-model "$TOK" --data "$DATA/heldout.jsonl" "$DATA/heldout_chat.jsonl" --output "$WORK/eval.json" \
+  --caption-prompt "Generate the caption in English:" --caption-metric synthetic --chat-metric synthetic \
+  --max-new-tokens 16 --micro-batch-size 100
 
 # ------------------------------------------------------------------------------------------- 4. summary
 run plot "$PY" tools/plot_training.py "$TB" --out "$WORK/training.png"
