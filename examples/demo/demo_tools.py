@@ -106,7 +106,7 @@ def summary(args) -> int:
             rows.append((label, str(s["steps"]), f"{s['first_loss']:.3f}", f"{s['last_loss']:.3f}",
                          f"{s['samples_per_s']:.0f}", f"{times.get(key, 0):.0f}"))
     for key, label in (("data", "data: corpus, tokenizer, indexed datasets"), ("convert", "convert to HF"),
-                       ("evaluate", "held-out captions (greedy decode)"),
+                       ("evaluate", "held-out captions and chat answers (greedy)"),
                        ("plot", "training curves (training.png)")):
         rows.append((label, "", "", "", "", f"{times.get(key, 0):.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
