@@ -27,6 +27,9 @@ def load_tools():
 
 def test_demo_script_parses():
     subprocess.run(["bash", "-n", os.path.join(ROOT, "examples", "demo.sh")], check=True)
+    script = open(os.path.join(ROOT, "examples", "demo.sh")).read()
+    # the evaluation asks the held-out chat questions too and scores them with the corpus's rule
+    assert '"$DATA/heldout_chat.jsonl"' in script and "--chat-metric synthetic" in script
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +95,8 @@ def _work_dir(tmp_path, accuracy):
     (tmp_path / "times.txt").write_text("data 20\nwarmup 30\nstage1 40\nstage2 90\nstage3 30\nconvert 10\n"
                                         "evaluate 12\ntotal 232\n")
     (tmp_path / "eval.json").write_text(json.dumps(
-        {"scores": {"caption": {"samples": 500, "correct": int(500 * accuracy), "accuracy": accuracy}}}))
+        {"scores": {"caption": {"samples": 500, "correct": int(500 * accuracy), "accuracy": accuracy},
+                    "chat": {"samples": 500, "correct": 371, "accuracy": 0.742}}}))
     return str(tmp_path)
 
 
@@ -116,7 +120,10 @@ def test_summary_passes_and_fails_on_the_accuracy_bar(tmp_path, capsys):
     assert rows["stage 2: multi-task (all trainable)"] == ["3", "3.000", "1.300", "200", "90"]
     assert rows["LLM warm-up (text only; ViT+adapter frozen)"] == ["3", "5.000", "1.500", "200", "30"]
     assert rows["convert to HF"] == ["", "", "", "", "10"]
-    assert "held-out caption accuracy (colour AND shape right): 0.950 on 500 images" in out
+    lines = out.splitlines()
+    cap = lines.index("held-out caption accuracy (colour AND shape right): 0.950 on 500 images (target >= 0.9)")
+    assert lines[cap + 1] == ("held-out chat accuracy (ChatML 'what is in the picture?', colour AND shape right): "
+                              "0.742 on 500 images")  # stage 3's answers, printed beside the caption score
     assert "total wall time: 232 s" in out
     bad = _work_dir(tmp_path / "bad", 0.85)
     capsys.readouterr()
@@ -124,6 +131,12 @@ def test_summary_passes_and_fails_on_the_accuracy_bar(tmp_path, capsys):
     assert "note: caption accuracy 0.850 is below the target 0.9" in capsys.readouterr().out
     assert tools.main(["summary", "--work-dir", bad, "--min-accuracy", "0.9"]) == 1
     assert tools.main(["summary", "--work-dir", bad, "--min-accuracy", "0.8"]) == 0
+    scores = json.load(open(os.path.join(bad, "eval.json")))
+    del scores["scores"]["chat"]  # an evaluation without chat records: reported as n/a, not a failure
+    json.dump(scores, open(os.path.join(bad, "eval.json"), "w"))
+    capsys.readouterr()
+    assert tools.main(["summary", "--work-dir", bad, "--min-accuracy", "0.8"]) == 0
+    assert "colour AND shape right): n/a" in capsys.readouterr().out
     os.remove(os.path.join(bad, "eval.json"))
     assert tools.main(["summary", "--work-dir", bad]) == 1
 

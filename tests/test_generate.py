@@ -18,7 +18,7 @@ from PIL import Image
 
 import reference_qwenvl as R
 from qwenvl_megatron.inference.boxes import Box, draw_boxes, iou, parse_boxes
-from qwenvl_megatron.inference.eval_data import load_eval_records
+from qwenvl_megatron.inference.eval_data import chat_prompt, load_eval_records
 from qwenvl_megatron.inference.evaluation import (TaskScore, cider, format_table, grounding_iou, ptb_tokenize,
                                                   ptb_tokenize_java, score_predictions, vqa_accuracy, vqa_answers,
                                                   vqa_normalise)
@@ -201,6 +201,28 @@ def test_standard_layouts_load_as_records(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"task": "vqa", "image": "a.jpg", "question": "q"}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: a vqa record needs 'answer' or 'answers'"):
         list(load_eval_records(str(tmp_path / "bad.jsonl")))
+    chat = {"id": "c1", "conversations": [{"from": "human", "value": "Picture 1: <img>x/a.png</img>\nwhat?"},
+                                          {"from": "gpt", "value": "a red circle"}]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+    (rec,) = [r for _, r in load_eval_records(str(tmp_path / "chat.jsonl"), image_root="/imgs")]
+    assert rec["task"] == "chat" and rec["conversations"][1] == chat["conversations"][1]
+    turns, reference, images = chat_prompt(rec)
+    assert turns == [{"from": "human", "value": "Picture 1: <img>/imgs/x/a.png</img>\nwhat?"}]
+    assert reference == "a red circle" and images == ["/imgs/x/a.png"]
+    chat["conversations"] = chat["conversations"][:1]  # nothing to score against
+    (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+    with pytest.raises(ValueError, match="chat.jsonl:1: a chat record to score ends with"):
+        list(load_eval_records(str(tmp_path / "chat.jsonl")))
+
+
+def test_chat_answers_scored_by_exact_match_or_the_callers_rule():
+    rec = {"task": "chat", "conversations": [{"from": "user", "value": "q"},
+                                             {"from": "assistant", "value": "a red circle in the top"}]}
+    scores, details = score_predictions([(rec, "A red circle in the top."), (rec, "a red circle")])
+    assert scores["chat"].metric == "exact" and details == [{"correct": True}, {"correct": False}]
+    names_red = lambda pred, refs: "red" in pred and all("red" in r for r in refs)  # noqa: E731
+    scores, details = score_predictions([(rec, "a red circle"), (rec, "a blue circle")], chat_rule=names_red)
+    assert scores["chat"].as_dict()["metric"] == "answer rule" and scores["chat"].accuracy == 0.5
 
 
 @pytest.fixture(scope="module")
@@ -292,13 +314,34 @@ def test_evaluate_tool_scores_its_own_predictions(tiny):
                 "box": [1, 2, 30, 40]},
                {"task": "text", "text": "hello"}]
     (d / "held.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
+    chat = {"conversations": [{"from": "user", "value": "Picture 1: <img>a.png</img>\nwhat colour is the shape?"},
+                              {"from": "assistant", "value": "red"}]}
+    (d / "chat.jsonl").write_text(json.dumps(chat) + "\n")
     out = _tool("tools/evaluate.py", "--hf-dir", str(d / "hf"), "--tokenizer-type", "sentencepiece",
                 "--tokenizer-model", tiny["model_file"], "--max-new-tokens", "4", "--data", str(d / "held.jsonl"),
-                "--output", str(d / "eval.json"), "--caption-tokenizer", "python")
+                str(d / "chat.jsonl"), "--output", str(d / "eval.json"), "--caption-tokenizer", "python")
     result = json.loads((d / "eval.json").read_text())
     assert result["not_scored"] == {"text": 1}
     preds = result["predictions"]
-    assert [p["task"] for p in preds] == ["caption", "caption", "vqa", "grounding"]
+    assert [p["task"] for p in preds] == ["caption", "caption", "vqa", "grounding", "chat"]
+    # The chat answer is the greedy continuation of the ChatML prompt with the assistant turn opened, as the
+    # independent reference model decodes it.
+    from qwenvl_megatron.data.formats import prompt_for
+    from qwenvl_megatron.inference.runner import load_images
+    tok = tiny["tok"]
+    ids = prompt_for("chat", tok, 16, image="a.png", question="what colour is the shape?")
+    ref = R.ReferenceQwenVL(tiny["cfg"])
+    ref.load_state_dict(tiny["hf"])
+    pixels, new = load_images([str(d / "a.png")], 224), []
+    while len(new) < 4 and (not new or new[-1] not in (tok.eod_id, tok.im_end_id)):
+        with torch.no_grad():
+            logits = ref(torch.tensor([ids + new]), pixels)[0, -1]
+        logits[[tok.img_start_id, tok.img_end_id, tok.img_pad_id]] = float("-inf")
+        new.append(int(logits.argmax()))
+    new = [t for t in new if t not in (tok.eod_id, tok.im_end_id)]
+    assert preds[4]["prediction"] == tok.decode(new)
+    assert preds[4]["correct"] == (preds[4]["prediction"].strip().lower() == "red")
+    assert result["scores"]["chat"]["metric"] == "exact match"
     recs = [dict(r, image=str(d / r["image"])) for r in records[:4]]
     want, details = score_predictions([(r, p["prediction"]) for r, p in zip(recs, preds)], caption_tokenizer="python")
     for p, det in zip(preds, details):

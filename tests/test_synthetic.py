@@ -13,7 +13,8 @@ from qwenvl_megatron.data import formats
 from qwenvl_megatron.data.synthetic import COLOURS, POSITIONS, SHAPES, WORDS, generate_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FILES = ("stage1.jsonl", "stage2.jsonl", "stage3.json", "heldout.jsonl", "corpus.txt", "info.json")
+FILES = ("stage1.jsonl", "stage2.jsonl", "stage3.json", "heldout.jsonl", "heldout_chat.jsonl", "corpus.txt",
+         "info.json")
 SIZE = 80
 
 
@@ -114,22 +115,45 @@ def test_every_record_encodes_under_the_contract(corpus):
         path = default_qwen_vocab_path()
     tok = build_tokenizer("qwen", path)
     tasks, chats, images = {}, [], {"train": set(), "heldout": set()}
-    for name in ("stage1.jsonl", "stage2.jsonl", "stage3.json", "heldout.jsonl"):
+    for name in ("stage1.jsonl", "stage2.jsonl", "stage3.json", "heldout.jsonl", "heldout_chat.jsonl"):
         data_file = os.path.join(corpus, name)
         for where, record in formats.iter_records(data_file):
             sample = formats.encode_record(record, tok, num_image_tokens=4, where=where)
             assert sample.num_loss_tokens > 0
             for ref in sample.images:
                 assert os.path.isfile(formats.resolve_image_path(ref, data_file)), (where, ref)
-                images["heldout" if name == "heldout.jsonl" else "train"].add(ref)
+                images["heldout" if name.startswith("heldout") else "train"].add(ref)
             task = formats.record_task(record)
             tasks.setdefault(name, set()).add(task)
             if task == "chat":
                 chats.append((len(record["conversations"]), len(sample.images)))
     assert tasks["stage2.jsonl"] == set(formats.TASKS)
-    assert tasks["stage1.jsonl"] == tasks["heldout.jsonl"] == {"caption"} and tasks["stage3.json"] == {"chat"}
+    assert tasks["stage1.jsonl"] == tasks["heldout.jsonl"] == {"caption"}
+    assert tasks["stage3.json"] == tasks["heldout_chat.jsonl"] == {"chat"}
     assert any(turns > 2 for turns, _ in chats) and any(n == 2 for _, n in chats)
     assert not images["train"] & images["heldout"] and len(images["heldout"]) == 20
+
+
+def test_heldout_chat_asks_what_stage3_teaches(corpus):
+    """Each held-out image is asked, in ChatML, the describe question that stage 3's chats ask about training
+    images; the reference answer is that image's held-out caption."""
+    captions = {r["image"]: r["caption"] for r in load_jsonl(os.path.join(corpus, "heldout.jsonl"))}
+    chats = load_jsonl(os.path.join(corpus, "heldout_chat.jsonl"))
+    asked = set()
+    for rec in chats:
+        (user, answer) = rec["conversations"]
+        assert (user["from"], answer["from"]) == ("user", "assistant")
+        (image,) = re.findall(r"<img>(.*?)</img>", user["value"])
+        asked.add(image)
+        assert answer["value"] == captions[image]
+        question = user["value"].split("\n", 1)[1]
+        assert user["value"] == f"Picture 1: <img>{image}</img>\n{question}"
+    assert asked == set(captions)
+    with open(os.path.join(corpus, "stage3.json"), encoding="utf-8") as f:
+        pairs = [(u["value"], a["value"]) for r in json.load(f)
+                 for u, a in zip(r["conversations"][::2], r["conversations"][1::2])]
+    taught = [a for q, a in pairs if q.split("\n")[-1] == question]
+    assert len(taught) >= 5 and all(parse_caption(a) for a in taught)  # the same question, caption answers
 
 
 def test_small_vocabulary(corpus):

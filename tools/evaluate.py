@@ -40,13 +40,17 @@ def parse_args(argv):
 
     p = argparse.ArgumentParser(prog=TOOL, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--data", required=True, help="records (JSONL/JSON), a COCO caption annotation file, or a "
-                                                 "VQAv2 questions file (with --vqa-annotations)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="records (JSONL/JSON; several files are evaluated together), a COCO caption annotation "
+                        "file, or a VQAv2 questions file (with --vqa-annotations)")
     p.add_argument("--image-root", default=None, help="image paths are relative to this (default: --data's dir)")
     p.add_argument("--vqa-annotations", default=None, help="VQAv2 annotations file for a questions file --data")
     p.add_argument("--caption-metric", choices=("cider", "exact", "synthetic"), default="cider",
                    help="cider (default); exact: normalised exact match with any reference; synthetic: the demo "
                         "corpus's colour-and-shape rule")
+    p.add_argument("--chat-metric", choices=("exact", "synthetic"), default="exact",
+                   help="ChatML answers: exact (normalised) match with the reference turn, or the demo corpus's "
+                        "colour-and-shape rule")
     p.add_argument("--caption-tokenizer", choices=("auto", "java", "python"), default="auto",
                    help="CIDEr tokenisation: pycocoevalcap's Java PTBTokenizer or its Python re-statement "
                         "(auto: java when on PATH)")
@@ -55,24 +59,34 @@ def parse_args(argv):
                    help="text after the image for captions (the training prefix is 'Generate the caption "
                         "in English:')")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.vqa_annotations and len(args.data) != 1:
+        p.error("--vqa-annotations goes with exactly one --data file (the VQAv2 questions)")
+    return args
 
 
 def build_prompts(args, tok, cfg):
     from qwenvl_megatron.data.formats import prompt_for, record_task
-    from qwenvl_megatron.inference.eval_data import load_eval_records
+    from qwenvl_megatron.inference.eval_data import chat_prompt, load_eval_records
     from qwenvl_megatron.inference.evaluation import SCORED_TASKS
     from qwenvl_megatron.inference.prompts import encode_prompt
     from qwenvl_megatron.inference.runner import Prompt
 
     q = cfg.adapter.num_queries
     items, skipped = [], {}
-    for where, rec in load_eval_records(args.data, args.image_root, args.vqa_annotations):
+    records = ((where, rec) for path in args.data
+               for where, rec in load_eval_records(path, args.image_root, args.vqa_annotations))
+    for where, rec in records:
         if args.limit is not None and len(items) >= args.limit:
             break
         task = record_task(rec, where)
         if task not in SCORED_TASKS:
             skipped[task] = skipped.get(task, 0) + 1
+            continue
+        if task == "chat":
+            turns, _, images = chat_prompt(rec)
+            system = {"system": rec["system"]} if "system" in rec else {}
+            items.append((where, rec, Prompt(prompt_for("chat", tok, q, conversations=turns, **system), images)))
             continue
         image = rec["image"]
         if task == "caption":
@@ -83,7 +97,7 @@ def build_prompts(args, tok, cfg):
             ids = prompt_for("grounding", tok, q, image=image, phrase=rec["phrase"])
         items.append((where, rec, Prompt(ids, [image])))
     if not items:
-        raise ValueError(f"{args.data}: no caption, vqa or grounding records to evaluate")
+        raise ValueError(f"{' '.join(args.data)}: no caption, vqa, grounding or chat records to evaluate")
     return items, skipped
 
 
@@ -108,12 +122,13 @@ def run(args):
         return
     texts = [tok.decode(ans.tokens) for ans in answers]
     scores, details = score_predictions([(rec, t) for (_, rec, _), t in zip(items, texts)],
-                                        caption_rule(args.caption_metric), args.caption_tokenizer)
+                                        caption_rule(args.caption_metric), args.caption_tokenizer,
+                                        None if args.chat_metric == "exact" else caption_rule(args.chat_metric))
     predictions = [{"where": where, "task": rec["task"], "prediction": text, **d}
                    for (where, rec, _), text, d in zip(items, texts, details)]
     print(format_table(scores, skipped))
     if args.output:
-        result = {"checkpoint": args.load or args.hf_dir, "data": args.data,
+        result = {"checkpoint": args.load or args.hf_dir, "data": args.data[0] if len(args.data) == 1 else args.data,
                   "scores": {t: s.as_dict() for t, s in scores.items()},
                   "not_scored": skipped, "predictions": predictions}
         with open(args.output, "w", encoding="utf-8") as f:

@@ -8,8 +8,9 @@
 model-config: the tiny preset sized to the demo tokenizer (vocab size and `<img>` id come from it, so the
 model and the data agree). warmup-records: pure-text records for the LLM warm-up that stands in for the
 pretrained Qwen-7B of the paper (the captions and the corpus's text records, no images). summary: reads
-the stage logs, times and the evaluation JSON the demo wrote, prints one table and fails (exit 1) when the
-held-out caption accuracy is below the bar.
+the stage logs, times and the evaluation JSON the demo wrote, prints one table, the held-out caption accuracy
+and beside it the accuracy of stage 3's ChatML answers about the same images, and fails (exit 1) when the
+caption accuracy is below the bar (the chat score is reported, not a bar).
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def summary(args) -> int:
             rows.append((label, str(s["steps"]), f"{s['first_loss']:.3f}", f"{s['last_loss']:.3f}",
                          f"{s['samples_per_s']:.0f}", f"{times.get(key, 0):.0f}"))
     for key, label in (("data", "data: corpus, tokenizer, indexed datasets"), ("convert", "convert to HF"),
-                       ("evaluate", "held-out captions (greedy decode)"),
+                       ("evaluate", "held-out captions and chat answers (greedy)"),
                        ("plot", "training curves (training.png)")):
         rows.append((label, "", "", "", "", f"{times.get(key, 0):.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -115,17 +116,18 @@ def summary(args) -> int:
     for r in rows[1:]:
         print(fmt(r))
 
-    accuracy, count = None, 0
+    scores = {}
     eval_path = os.path.join(work, "eval.json")
     if os.path.isfile(eval_path):
         with open(eval_path, encoding="utf-8") as f:
-            cap = json.load(f).get("scores", {}).get("caption")
-        if cap:
-            accuracy, count = cap["accuracy"], cap["samples"]
+            scores = json.load(f).get("scores", {})
+    cap, chat = scores.get("caption"), scores.get("chat")
+    accuracy = cap["accuracy"] if cap else None
+    show = lambda s: f"{s['accuracy']:.3f} on {s['samples']} images" if s else "n/a"  # noqa: E731
     total = times.get("total", sum(times.values()))
     print()
-    print(f"held-out caption accuracy (colour AND shape right): "
-          f"{'n/a' if accuracy is None else f'{accuracy:.3f}'} on {count} images (target >= {args.target_accuracy})")
+    print(f"held-out caption accuracy (colour AND shape right): {show(cap)} (target >= {args.target_accuracy})")
+    print(f"held-out chat accuracy (ChatML 'what is in the picture?', colour AND shape right): {show(chat)}")
     print(f"total wall time: {total:.0f} s (target < {args.max_seconds:.0f} s)")
     if accuracy is None:
         print(f"FAILED: no caption score in {eval_path}", file=sys.stderr)

@@ -9,7 +9,9 @@ seed gives byte-identical files, whatever the number of worker processes.
 Files written into ``out_dir`` (image paths in records are relative to it, per the data contract):
 ``images/{train,heldout}/NNNNNN.png``, ``stage1.jsonl`` (captions), ``stage2.jsonl`` (all 7 tasks),
 ``stage3.json`` (ChatML list, some multi-turn, some two-image), ``heldout.jsonl`` (captions of images
-no training file uses), ``corpus.txt`` (the training text, for a tokenizer) and ``info.json``.
+no training file uses), ``heldout_chat.jsonl`` (the same images asked stage 3's "what is in the picture?" in
+ChatML, the caption as the reference answer), ``corpus.txt`` (the training text, for a tokenizer) and
+``info.json``.
 """
 from __future__ import annotations
 
@@ -281,6 +283,13 @@ def _qa(s: Scene, rng: random.Random, exclude: Sequence[str] = ()) -> tuple[str,
     return kind, VQA_QUESTIONS[kind], {"colour": s.colour, "shape": s.shape, "position": s.position}[kind]
 
 
+def heldout_chat_record(index: int, s: Scene) -> dict:
+    """A one-turn conversation to score: stage 3's describe question about `s`, its caption as the reference."""
+    return {"id": f"heldout-chat-{index:06d}",
+            "conversations": [{"from": "user", "value": f"Picture 1: <img>{s.path}</img>\n{DESCRIBE_QUESTION}"},
+                              {"from": "assistant", "value": s.caption}]}
+
+
 def chat_record(index: int, scenes: Sequence[Scene], rng: random.Random) -> dict:
     """A release-format conversation: one image (1-3 turns) or two images (which picture / describe both)."""
     turns = []
@@ -371,6 +380,8 @@ def generate_corpus(out_dir: str, seed: int = 0, num_train: int = 30000, num_hel
     _write_jsonl(os.path.join(out_dir, "stage1.jsonl"), stage1)
     _write_jsonl(os.path.join(out_dir, "stage2.jsonl"), stage2)
     _write_jsonl(os.path.join(out_dir, "heldout.jsonl"), held)
+    _write_jsonl(os.path.join(out_dir, "heldout_chat.jsonl"),
+                 [heldout_chat_record(i, s) for i, s in enumerate(heldout)])
     with open(os.path.join(out_dir, "stage3.json"), "w", encoding="utf-8") as f:
         f.write("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in stage3) + "\n]\n")
     with open(os.path.join(out_dir, "corpus.txt"), "w", encoding="utf-8") as f:  # training text only

@@ -7,6 +7,9 @@
   x1,y1,x2,y2, with `width`/`height`) is grounding, `question` + `answer(s)` is VQA, `captions` a caption;
 - a COCO caption annotation file (`{"images": [{"id", "file_name"}], "annotations": [{"image_id",
   "caption"}]}`: COCO Karpathy test, Flickr30K, NoCaps): one caption record per image with all its captions;
+- ChatML records (`conversations`, the fine-tuning format) whose last turn is the assistant's: the turns
+  before it are the prompt, its value the reference answer (task `chat`); `<img>` paths inside the turns
+  are resolved like `image`;
 - VQAv2's pair: the questions file (`{"questions": [...], "data_subtype": "val2014"}`) as the data and its
   annotations file (`vqa_annotations`); images are `COCO_<data_subtype>_<image_id:012d>.jpg`.
 Image paths are relative to `image_root` when given, else to the data file's directory.
@@ -15,8 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
-from ..data.formats import iter_records
+from ..data.formats import CHAT_ROLES, iter_records
 
 TASK_FIELDS = {"caption": ("image",), "vqa": ("image", "question"),
                "grounding": ("image", "phrase", "box", "width", "height")}
@@ -26,6 +30,28 @@ def _image(ref: str, data_path: str, image_root: str | None) -> str:
     if os.path.isabs(ref):
         return ref
     return os.path.abspath(os.path.join(image_root or os.path.dirname(os.path.abspath(data_path)), ref))
+
+
+_IMAGE_TAG = re.compile(r"<img>(.*?)</img>", re.S)
+
+
+def _chat(rec: dict, where: str, data_path: str, image_root: str | None) -> dict:
+    """A ChatML record to score: `task` chat, image paths inside the turns made absolute."""
+    turns = rec["conversations"]
+    if not (isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, dict) for t in turns)
+            and CHAT_ROLES.get(turns[-1].get("from")) == "assistant"
+            and CHAT_ROLES.get(turns[-2].get("from")) == "user"):
+        raise ValueError(f"{where}: a chat record to score ends with a user turn and the assistant's reference")
+    resolve = lambda m: f"<img>{_image(m.group(1).strip(), data_path, image_root)}</img>"  # noqa: E731
+    return {**rec, "task": "chat",
+            "conversations": [dict(t, value=_IMAGE_TAG.sub(resolve, str(t.get("value", "")))) for t in turns]}
+
+
+def chat_prompt(record: dict) -> tuple[list[dict], str, list[str]]:
+    """A scored chat record -> (the turns to prompt with, the reference answer, image paths in order)."""
+    turns = record["conversations"]
+    images = [m.strip() for t in turns[:-1] for m in _IMAGE_TAG.findall(t["value"])]
+    return turns[:-1], turns[-1]["value"], images
 
 
 def _infer_task(rec: dict) -> dict:
@@ -85,7 +111,9 @@ def load_eval_records(path: str, image_root: str | None = None, vqa_annotations:
     for where, rec in iter_records(path):
         rec = _infer_task(rec) if isinstance(rec, dict) else rec
         task = rec.get("task") if isinstance(rec, dict) else None
-        if task in TASK_FIELDS:
+        if isinstance(rec, dict) and "conversations" in rec:
+            rec = _chat(rec, where, path, image_root)
+        elif task in TASK_FIELDS:
             for fld in TASK_FIELDS[task]:
                 if fld not in rec:
                     raise ValueError(f"{where}: a {task} record needs '{fld}'")

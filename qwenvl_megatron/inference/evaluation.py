@@ -10,6 +10,9 @@
   the answer / 3, 1) averaged over the ten leave-one-annotator-out subsets, after the official answer
   normalisation (punctuation, number words, articles, contractions). Records with one `answer`: exact match
   after normalising case, surrounding space and a final full stop.
+- chat: ChatML records whose last turn is the assistant's reference answer (inference/eval_data.py): exact
+  match after `normalise`, or a per-answer rule the caller passes (`chat_rule`, same signature as
+  `caption_rule`; the demo passes the corpus's colour-and-shape rule).
 - grounding: the first `<box>` of the answer (the prompt opened it; 0..1000 coordinates, the release's
   `<box>(x1,y1),(x2,y2)</box>`) against the record's pixel box, right at IoU >= 0.5 (RefCOCO accuracy).
 """
@@ -26,7 +29,7 @@ from typing import Callable
 from .boxes import iou, parse_boxes
 
 IOU_THRESHOLD = 0.5
-SCORED_TASKS = ("caption", "vqa", "grounding")
+SCORED_TASKS = ("caption", "vqa", "grounding", "chat")
 CaptionRule = Callable[[str, list], bool]  # (prediction, references) -> right?
 
 
@@ -222,8 +225,8 @@ def grounding_iou(prediction: str, box: list[float], width: float, height: float
 
 
 # --------------------------------------------------------------------------------------------- scoring
-METRIC_NAMES = {"cider": "CIDEr (x100)", "rule": "caption rule", "vqav2": "VQAv2 accuracy",
-                "exact": "exact match", "grounding": f"accuracy @ IoU>={IOU_THRESHOLD}"}
+METRIC_NAMES = {"cider": "CIDEr (x100)", "rule": "caption rule", "answer-rule": "answer rule",
+                "vqav2": "VQAv2 accuracy", "exact": "exact match", "grounding": f"accuracy @ IoU>={IOU_THRESHOLD}"}
 
 
 @dataclass
@@ -258,10 +261,12 @@ def caption_references(record: dict) -> list[str]:
 
 
 def score_predictions(items: list[tuple[dict, str]], caption_rule: CaptionRule | None = None,
-                      caption_tokenizer: str = "auto") -> tuple[dict[str, TaskScore], list[dict]]:
+                      caption_tokenizer: str = "auto", chat_rule: CaptionRule | None = None
+                      ) -> tuple[dict[str, TaskScore], list[dict]]:
     """Score (record, prediction) pairs of the scored tasks. Returns ({task: TaskScore}, per-item details in
     order). Captions: CIDEr over all caption items, or `caption_rule` per caption when given. VQA: the VQAv2
-    accuracy for records with `answers`, exact match for records with one `answer` (one kind per file)."""
+    accuracy for records with `answers`, exact match for records with one `answer` (one kind per file).
+    Chat: `chat_rule` against the last (assistant) turn when given, else exact match with it."""
     scores: dict[str, TaskScore] = {}
     details: list[dict] = []
     cider_items: list[int] = []
@@ -281,6 +286,12 @@ def score_predictions(items: list[tuple[dict, str]], caption_rule: CaptionRule |
                 d["vqa_accuracy"] = round(value, 4)
             else:
                 metric, value = "exact", float(exact_match(pred, rec["answer"]))
+        elif task == "chat":
+            reference = rec["conversations"][-1]["value"]
+            if chat_rule is None:
+                metric, value = "exact", float(exact_match(pred, reference))
+            else:
+                metric, value = "answer-rule", float(chat_rule(pred, [reference]))
         elif task == "grounding":
             metric = "grounding"
             v = grounding_iou(pred, rec["box"], rec["width"], rec["height"])
