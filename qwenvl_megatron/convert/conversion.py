@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Callable
 
 import torch
@@ -27,7 +28,7 @@ from .hf_checkpoint import (DEFAULT_CODE_REPO, DTYPES, HFCheckpointError, HFChec
                             finalize_hf_dir, read_hf_config)
 from .hf_layout import hf_key_shapes, hf_keys, hf_sources, hf_to_model, model_to_hf
 from .openclip import check_openclip, imported_openclip_keys, openclip_to_model, read_openclip_visual
-from .sharding import _global_names, gather_full_state_dict, load_full_state_dict, shard
+from .sharding import _global_names, gather_full, shard
 
 
 def _rank0() -> bool:
@@ -40,14 +41,30 @@ def _writer_rank() -> bool:
             and parallel_state.get_data_parallel_rank() == 0)
 
 
-def build_stage(cfg: QwenVLConfig, dtype: torch.dtype) -> QwenVLModel:
-    """This rank's pipeline stage of the model under the current parallel state, in eval mode."""
+def build_stage(cfg: QwenVLConfig, dtype: torch.dtype, init: bool = True) -> QwenVLModel:
+    """This rank's pipeline stage of the model under the current parallel state, in eval mode. With
+    `init=False` megatron's weights are allocated but not initialised (for a caller that fills them all:
+    untouched pages cost neither time nor memory)."""
     plan = ParallelPlan(tensor_parallel=parallel_state.get_tensor_model_parallel_world_size(),
                         pipeline_parallel=parallel_state.get_pipeline_model_parallel_world_size(),
-                        params_dtype=dtype, bf16=dtype == torch.bfloat16, impl="local")
+                        params_dtype=dtype, bf16=dtype == torch.bfloat16, impl="local", init_weights=init)
     model = QwenVLModel(cfg, plan, pre_process=parallel_state.is_pipeline_first_stage(),
                         post_process=parallel_state.is_pipeline_last_stage())
+    if not init:
+        _mark_split_weights(model)
     return model.eval()
+
+
+def _mark_split_weights(model: torch.nn.Module) -> None:
+    """megatron records how a weight is split (`tensor_model_parallel`, `partition_dim`) only while
+    initialising it; without initialisation the split is recorded here, as megatron would."""
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                      VocabParallelEmbedding, set_tensor_model_parallel_attributes)
+    splits = ((ColumnParallelLinear, 0), (VocabParallelEmbedding, 0), (RowParallelLinear, 1))
+    for m in model.modules():
+        dim = next((d for cls, d in splits if isinstance(m, cls)), None)
+        if dim is not None and getattr(m, "weight", None) is not None:
+            set_tensor_model_parallel_attributes(m.weight, True, dim, 1)
 
 
 def rank_model_keys(model: QwenVLModel) -> list[str]:
@@ -61,24 +78,83 @@ def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[s
     return {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
 
 
+def _stage_tensors(model: QwenVLModel) -> dict[str, torch.Tensor]:
+    """Full name -> this rank's local tensor (the parameter itself, no copy)."""
+    local = model.state_dict(keep_vars=True)
+    return {g: local[n] for n, g in _global_names(model).items()}
+
+
+def _source_groups(cfg: QwenVLConfig, model_keys) -> list[tuple[tuple[str, ...], list[str]]]:
+    """The model tensors grouped by the HF tensors they are made of (one HF tensor -> the adapter's q, k,
+    v; w2 + w1 -> one linear_fc1): the unit a streaming conversion reads, maps and writes at once."""
+    sources = hf_sources(cfg)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for mk in model_keys:
+        if mk not in sources:
+            raise HFCheckpointError(f"model tensor {mk} has no HF source")
+        groups.setdefault(sources[mk], []).append(mk)
+    return list(groups.items())
+
+
+class _Meter:
+    """Progress of a long conversion: tensors and GB done, MB/s, at most one line every `every` seconds."""
+
+    def __init__(self, progress: Callable | None, total_tensors: int, total_bytes: int, verb: str,
+                 every: float = 5.0):
+        self.progress, self.total, self.total_bytes, self.verb, self.every = progress, total_tensors, total_bytes, verb, every
+        self.done = self.bytes = 0
+        self.start = self.last = time.perf_counter()
+
+    def add(self, tensors: int, nbytes: int) -> None:
+        self.done += tensors
+        self.bytes += nbytes
+        now = time.perf_counter()
+        if self.progress and (now - self.last >= self.every or self.done == self.total):
+            self.last = now
+            rate = self.bytes / max(now - self.start, 1e-9) / 2 ** 20
+            self.progress(self.done, self.total, f"tensors, {self.bytes / 2 ** 30:.2f}/"
+                          f"{self.total_bytes / 2 ** 30:.2f} GB {self.verb}, {rate:.0f} MB/s")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@torch.no_grad()
 def load_hf_into_stage(model: QwenVLModel, reader: HFCheckpointReader, cfg: QwenVLConfig,
                        progress: Callable | None = None) -> None:
-    """Copy this rank's share of an HF checkpoint into `model`, reading only the tensors it needs."""
-    sources = hf_sources(cfg)
-    need = [hk for mk in rank_model_keys(model) for hk in sources[mk]]
-    hf = reader.load(need, progress)
-    full = hf_to_model(hf, cfg, partial=True)
-    dtype = next(model.parameters()).dtype
-    load_full_state_dict(model, _cast(full, dtype))
+    """Copy this rank's share of an HF checkpoint into `model`, one HF tensor group at a time (in file
+    order): each is read, mapped, sliced and copied into the parameter, then dropped."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dst_of = _stage_tensors(model)
+    groups = _source_groups(cfg, dst_of)
+    groups.sort(key=lambda g: (reader.weight_map.get(g[0][0], ""), g[0]))
+    meter = _Meter(progress, len(dst_of), sum(_nbytes(t) for t in dst_of.values()), "filled")
+    try:
+        for srcs, mks in groups:
+            full = hf_to_model({k: reader.get(k) for k in srcs}, cfg, partial=True)
+            for mk in mks:
+                dst = dst_of[mk]
+                src = shard(full[mk], dst, mk, tp_rank, tp)
+                if src.shape != dst.shape:
+                    raise HFCheckpointError(f"{mk}: source shape {tuple(src.shape)} does not fit "
+                                            f"{tuple(dst.shape)} (tp rank {tp_rank}/{tp})")
+                dst.copy_(src)  # casts to the model's dtype
+                meter.add(1, _nbytes(dst))
+            del full
+    finally:
+        reader.close()
 
 
 def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "fp32", progress: Callable | None = None) -> str:
-    """HF Qwen-VL directory -> Megatron checkpoint `out_dir` (iteration 0) in the current layout."""
+    """HF Qwen-VL directory -> Megatron checkpoint `out_dir` (iteration 0) in the current layout. The stage
+    is allocated uninitialised and filled tensor by tensor; its memory is the only copy held."""
     from ..training.checkpoint import save_model_weights
 
     _, cfg = read_hf_config(hf_dir)
     reader = HFCheckpointReader(hf_dir)
-    model = build_stage(cfg, DTYPES[dtype])
+    model = build_stage(cfg, DTYPES[dtype], init=False)
     load_hf_into_stage(model, reader, cfg, progress if _rank0() else None)
     return save_model_weights([model], out_dir, cfg, iteration=0,
                               args={"converted_from": os.path.abspath(hf_dir), "dtype": dtype})
@@ -95,33 +171,48 @@ def checkpoint_dtype(ckpt_dir: str) -> torch.dtype:
 
 
 def load_mcore_stage(load: str) -> tuple[QwenVLConfig, QwenVLModel]:
-    """Build this rank's stage with the checkpoint's config and dtype and load its weights."""
+    """Build this rank's stage (uninitialised) with the checkpoint's config and dtype and load its weights."""
     from ..training.checkpoint import load_model_weights, read_model_config, resolve_checkpoint_dir
 
     cfg = read_model_config(load)
-    model = build_stage(cfg, checkpoint_dtype(resolve_checkpoint_dir(load)))
+    model = build_stage(cfg, checkpoint_dtype(resolve_checkpoint_dir(load)), init=False)
     load_model_weights([model], load)
     return cfg, model
 
 
+@torch.no_grad()
 def mcore_to_hf(load: str, out_dir: str, dtype: str | None = None, tokenizer_file: str | None = None,
                 max_shard_bytes: int = 5 * 2 ** 30, progress: Callable | None = None,
                 code_repo: str = DEFAULT_CODE_REPO, generation: str | None = None) -> dict | None:
     """Megatron checkpoint -> HF directory (config.json with the release's fields and an `auto_map` into
     `code_repo`, generation_config.json, safetensors shards + index, tokenizer file and config).
-    Returns the index on global rank 0."""
+    Each stage streams: one tensor group at a time is gathered over TP, mapped and written to its shard
+    file by TP rank 0 (shard headers are known in advance), then dropped. Returns the index on rank 0."""
     cfg, model = load_mcore_stage(load)
     out_dtype = DTYPES[dtype] if dtype else next(model.parameters()).dtype
-    full = gather_full_state_dict(model, cfg.llm.vocab_size)  # collective over TP
+    local = _stage_tensors(model)
+    groups = _source_groups(cfg, local)
+    shapes = hf_key_shapes(cfg)
+    writer = None
     if _writer_rank():
-        hf = _cast(model_to_hf(full, cfg), out_dtype)
-        writer = HFShardWriter(out_dir, parallel_state.get_pipeline_model_parallel_rank(), max_shard_bytes)
-        for n, (k, t) in enumerate(hf.items(), 1):
-            writer.add(k, t)
+        specs = [(hk, shapes[hk][0], out_dtype) for srcs, _ in groups for hk in srcs]
+        writer = HFShardWriter(out_dir, specs, parallel_state.get_pipeline_model_parallel_rank(), max_shard_bytes)
+    meter = _Meter(progress if _rank0() else None, sum(len(s) for s, _ in groups),
+                   sum(_nbytes(t) for t in local.values()) * parallel_state.get_tensor_model_parallel_world_size(),
+                   "written")
+    for srcs, mks in groups:
+        full = {mk: gather_full(local[mk], mk, cfg.llm.vocab_size) for mk in mks}  # collective over TP
+        if writer is not None:
+            hf = model_to_hf(full, cfg)
+            for hk in srcs:
+                t = hf[hk].to(out_dtype)
+                writer.add(hk, t)
+                meter.add(1, _nbytes(t))
+            del hf
+        del full
+    if writer is not None:
         writer.flush()
-        if progress and _rank0():
-            progress(1, 1, f"stage tensors written ({len(hf)})")
-    del full
+    del local, model
     if dist.is_initialized():
         dist.barrier()
     index = None

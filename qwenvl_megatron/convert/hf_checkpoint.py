@@ -62,6 +62,7 @@ class HFCheckpointReader:
 
     def __init__(self, path: str):
         self.path = path
+        self._open = None  # (file, handle, keys) of the file read last
         self.weight_map = self._weight_map(path)
         missing = sorted({f for f in self.weight_map.values() if not os.path.isfile(f)})
         if missing:
@@ -104,6 +105,29 @@ class HFCheckpointReader:
                 out.update({k: tuple(sd[k].shape) for k in keys})
         return out
 
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, read on its own (safetensors: only its bytes; .bin: a view of the mmapped file).
+        The last file stays open, so reading in `weight_map` order opens each file once."""
+        if key not in self.weight_map:
+            raise HFCheckpointError(f"{key} is not in {self.path}")
+        path = self.weight_map[key]
+        if self._open is None or self._open[0] != path:
+            self.close()
+            if path.endswith(".safetensors"):
+                from safetensors import safe_open
+                handle = safe_open(path, framework="pt")
+                self._open = (path, handle, set(handle.keys()))
+            else:
+                sd = _load_bin(path)
+                self._open = (path, sd, set(sd))
+        _, handle, present = self._open
+        if key not in present:
+            raise HFCheckpointError(f"{path} does not hold {key}, although the index says so")
+        return handle.get_tensor(key) if path.endswith(".safetensors") else handle[key]
+
+    def close(self) -> None:
+        self._open = None
+
     def load(self, keys: Iterable[str], progress: Callable | None = None) -> dict[str, torch.Tensor]:
         """The tensors under `keys`, read shard by shard (only the shards that hold them)."""
         keys = list(dict.fromkeys(keys))
@@ -113,21 +137,10 @@ class HFCheckpointReader:
         out: dict[str, torch.Tensor] = {}
         groups = _by_shard(keys, self.weight_map)
         for n, (shard, shard_keys) in enumerate(groups.items(), 1):
-            if shard.endswith(".safetensors"):
-                from safetensors import safe_open
-                with safe_open(shard, framework="pt") as f:
-                    present = set(f.keys())
-                    for k in shard_keys:
-                        if k not in present:
-                            raise HFCheckpointError(f"{shard} does not hold {k}, although the index says so")
-                        out[k] = f.get_tensor(k)
-            else:
-                sd = _load_bin(shard)
-                for k in shard_keys:
-                    if k not in sd:
-                        raise HFCheckpointError(f"{shard} does not hold {k}, although the index says so")
-                    out[k] = sd[k].clone()
-                del sd
+            for k in shard_keys:
+                t = self.get(k)
+                out[k] = t if shard.endswith(".safetensors") else t.clone()  # let the mmap go
+            self.close()
             if progress:
                 progress(n, len(groups), f"{os.path.basename(shard)} ({len(shard_keys)} tensors)")
         return out
@@ -186,33 +199,88 @@ def validate_hf_dir(hf_dir: str) -> tuple[QwenVLConfig, HFCheckpointReader]:
 
 
 # ------------------------------------------------------------------------------------------------ write
-class HFShardWriter:
-    """Writes tensors into size-limited safetensors shards; `finish` names them model-0000i-of-0000n and
-    writes the index. Several writers (one per pipeline stage) can share a directory: each uses its own
-    `part` tag, and `finalize_hf_dir` names and indexes all parts at the end."""
+_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32"}
 
-    def __init__(self, out_dir: str, part: int = 0, max_shard_bytes: int = 5 * 2 ** 30):
-        self.out_dir, self.part, self.max_bytes = out_dir, part, max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._bytes = 0
-        self._count = 0
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    n = torch.empty((), dtype=dtype, device="cpu").element_size()
+    for d in shape:
+        n *= d
+    return n
+
+
+class HFShardWriter:
+    """Streams tensors into size-limited safetensors shards: the tensors' keys, shapes and dtypes are
+    known up front (`specs`, in the order they will be added), so each file's header is written first
+    and every tensor goes to disk as it is added; nothing is buffered. `finalize_hf_dir` names the parts
+    model-0000i-of-0000n and writes the index. Several writers (one per pipeline stage) can share a
+    directory: each uses its own `part` tag."""
+
+    def __init__(self, out_dir: str, specs: list[tuple[str, tuple[int, ...], torch.dtype]], part: int = 0,
+                 max_shard_bytes: int = 5 * 2 ** 30):
+        self.out_dir, self.part = out_dir, part
+        self._files: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = []
+        size = 0
+        for key, shape, dtype in specs:
+            n = _nbytes(shape, dtype)
+            if not self._files or (size + n > max_shard_bytes and self._files[-1]):
+                self._files.append([])
+                size = 0
+            self._files[-1].append((key, tuple(shape), dtype))
+            size += n
+        self._queue = [spec for f in self._files for spec in f]
+        self._next = 0
+        self._file = None
+        self._file_index = -1
+        self._left_in_file = 0
+        self.bytes_written = 0
         os.makedirs(out_dir, exist_ok=True)
 
+    def _open_next(self) -> None:
+        self._close_file()
+        self._file_index += 1
+        specs = self._files[self._file_index]
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for key, shape, dtype in specs:
+            n = _nbytes(shape, dtype)
+            header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        name = f".part{self.part:03d}-{self._file_index:05d}.safetensors"
+        self._file = open(os.path.join(self.out_dir, name), "wb")
+        self._file.write(len(raw).to_bytes(8, "little") + raw)
+        self._left_in_file = len(specs)
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._bytes + size > self.max_bytes:
-            self.flush()
-        self._pending[key] = tensor.detach().contiguous().cpu()
-        self._bytes += size
+        if self._next >= len(self._queue):
+            raise HFCheckpointError(f"{key} was not announced to the writer of {self.out_dir}")
+        want, shape, dtype = self._queue[self._next]
+        if (key, tuple(tensor.shape), tensor.dtype) != (want, shape, dtype):
+            raise HFCheckpointError(f"writer of {self.out_dir} expected {want} {shape} {dtype}, got {key} "
+                                    f"{tuple(tensor.shape)} {tensor.dtype}")
+        if self._left_in_file == 0:
+            self._open_next()
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self.bytes_written += data.numel()
+        self._left_in_file -= 1
+        self._next += 1
 
     def flush(self) -> None:
-        if not self._pending:
-            return
-        from safetensors.torch import save_file
-        name = f".part{self.part:03d}-{self._count:05d}.safetensors"
-        save_file(self._pending, os.path.join(self.out_dir, name), metadata={"format": "pt"})
-        self._count += 1
-        self._pending, self._bytes = {}, 0
+        """Close the last file; every announced tensor must have been added."""
+        if self._next != len(self._queue):
+            raise HFCheckpointError(f"writer of {self.out_dir}: {len(self._queue) - self._next} announced tensors "
+                                    f"were never added, e.g. {self._queue[self._next][0]}")
+        self._close_file()
 
 
 # ------------------------------------------------------------------------------ what makes an export load
@@ -359,7 +427,7 @@ def save_hf_dir(out_dir: str, hf_state: dict[str, torch.Tensor], cfg: QwenVLConf
                 max_shard_bytes: int = 5 * 2 ** 30, tokenizer_file: str | None = None,
                 code_repo: str = DEFAULT_CODE_REPO) -> dict:
     """A whole HF state dict -> an HF directory (single process helper, used by tests and small models)."""
-    writer = HFShardWriter(out_dir, 0, max_shard_bytes)
+    writer = HFShardWriter(out_dir, [(k, tuple(t.shape), t.dtype) for k, t in hf_state.items()], 0, max_shard_bytes)
     for k, t in hf_state.items():
         writer.add(k, t)
     writer.flush()

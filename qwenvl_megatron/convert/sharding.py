@@ -76,20 +76,35 @@ def load_full_state_dict(model, full: dict[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
+def gather_full(t: torch.Tensor, gname: str, vocab_size: int, param: torch.Tensor | None = None) -> torch.Tensor:
+    """One local tensor (or the gradient of `param`) gathered over tensor parallelism into full form
+    (unpadded). Collective over TP; the result may be a view of `t` (no copy when nothing is split)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    param = t if param is None else param
+    if getattr(param, "tensor_model_parallel", False) and tp > 1:
+        parts = [torch.empty_like(t) for _ in range(tp)]
+        dist.all_gather(parts, t.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+        if _is_glu_fc1(gname):
+            halves = [p.chunk(2, dim=0) for p in parts]
+            t = torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
+        else:
+            t = torch.cat(parts, dim=param.partition_dim)
+        del parts
+    t = t.detach()
+    return t[:vocab_size] if gname in VOCAB_KEYS else t
+
+
+@torch.no_grad()
 def gather_full_state_dict(model, vocab_size: int, grads: bool = False) -> dict[str, torch.Tensor]:
-    """This pipeline stage's tensors, gathered over tensor parallelism into full form (unpadded).
+    """This pipeline stage's tensors, gathered over tensor parallelism into full form (unpadded), cloned.
 
     With `grads=True`, the gradients of the trainable parameters instead (megatron DDP's `main_grad`
     where present), for comparing parallel layouts."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    group = parallel_state.get_tensor_model_parallel_group()
     out, names = {}, _global_names(model)
     for name, t in model.state_dict(keep_vars=True).items():
         if name.endswith("_extra_state"):
             continue
-        gname = names[name]
-        split = getattr(t, "tensor_model_parallel", False) and tp > 1
-        dim = getattr(t, "partition_dim", -1)
+        param = t
         if grads:
             if not getattr(t, "requires_grad", False):
                 continue
@@ -97,16 +112,5 @@ def gather_full_state_dict(model, vocab_size: int, grads: bool = False) -> dict[
             t = t.grad if g is None else g
             if t is None:
                 continue
-        t = t.detach()
-        if split:
-            parts = [torch.empty_like(t) for _ in range(tp)]
-            dist.all_gather(parts, t.contiguous(), group=group)
-            if _is_glu_fc1(gname):
-                halves = [p.chunk(2, dim=0) for p in parts]
-                t = torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
-            else:
-                t = torch.cat(parts, dim=dim)
-        if gname in VOCAB_KEYS:
-            t = t[:vocab_size]
-        out[gname] = t.clone()
+        out[names[name]] = gather_full(t, names[name], vocab_size, param).clone()
     return out

@@ -33,6 +33,8 @@ class ParallelPlan:
     impl: str = "local"  # "te" or "local" (see runtime.layer_impl.resolve_impl)
     init_std: float = 0.02
     fusions: frozenset = frozenset()  # names from FUSIONS to turn on
+    # False: megatron allocates the weights without initialising them (a converter overwrites every one).
+    init_weights: bool = True
 
     def validate(self, cfg: QwenVLConfig) -> "ParallelPlan":
         tp, pp = self.tensor_parallel, self.pipeline_parallel
@@ -78,7 +80,7 @@ class ParallelPlan:
             ffn_hidden_size=ffn, hidden_dropout=0.0, attention_dropout=0.0,
             tensor_model_parallel_size=self.tensor_parallel, sequence_parallel=sequence_parallel,
             params_dtype=self.params_dtype, bf16=self.bf16, pipeline_dtype=self.params_dtype,
-            use_cpu_initialization=True, init_method_std=self.init_std,
+            use_cpu_initialization=True, init_method_std=self.init_std, perform_initialization=self.init_weights,
             **{name: name in self.fusions for name in FUSIONS},
         )
         if recompute:
