@@ -62,7 +62,7 @@ class HFCheckpointReader:
 
     def __init__(self, path: str):
         self.path = path
-        self._open = None  # (file, handle, keys) of the file read last
+        self._open = None  # (file, state dict) of the .bin file read last
         self.weight_map = self._weight_map(path)
         missing = sorted({f for f in self.weight_map.values() if not os.path.isfile(f)})
         if missing:
@@ -106,24 +106,25 @@ class HFCheckpointReader:
         return out
 
     def get(self, key: str) -> torch.Tensor:
-        """One tensor, read on its own (safetensors: only its bytes; .bin: a view of the mmapped file).
-        The last file stays open, so reading in `weight_map` order opens each file once."""
+        """One tensor, read on its own. safetensors maps the file and hands out tensors over the mapping:
+        the file is opened per tensor, so the pages read stay resident only while the tensor lives (a
+        handle kept open would keep every page it read). A .bin file stays open (mmapped) until the next
+        file is read or `close`."""
         if key not in self.weight_map:
             raise HFCheckpointError(f"{key} is not in {self.path}")
         path = self.weight_map[key]
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as f:
+                try:
+                    return f.get_tensor(key)
+                except Exception:  # noqa: BLE001 - safetensors' own error type for a missing key
+                    raise HFCheckpointError(f"{path} does not hold {key}, although the index says so") from None
         if self._open is None or self._open[0] != path:
-            self.close()
-            if path.endswith(".safetensors"):
-                from safetensors import safe_open
-                handle = safe_open(path, framework="pt")
-                self._open = (path, handle, set(handle.keys()))
-            else:
-                sd = _load_bin(path)
-                self._open = (path, sd, set(sd))
-        _, handle, present = self._open
-        if key not in present:
+            self._open = (path, _load_bin(path))
+        if key not in self._open[1]:
             raise HFCheckpointError(f"{path} does not hold {key}, although the index says so")
-        return handle.get_tensor(key) if path.endswith(".safetensors") else handle[key]
+        return self._open[1][key]
 
     def close(self) -> None:
         self._open = None
