@@ -28,7 +28,7 @@ from .hf_checkpoint import (DEFAULT_CODE_REPO, DTYPES, HFCheckpointError, HFChec
                             finalize_hf_dir, read_hf_config)
 from .hf_layout import hf_key_shapes, hf_keys, hf_sources, hf_to_model, model_to_hf
 from .openclip import check_openclip, imported_openclip_keys, openclip_to_model, read_openclip_visual
-from .sharding import _global_names, gather_full, shard
+from .sharding import VOCAB_KEYS, _global_names, shard
 
 
 def _rank0() -> bool:
@@ -148,15 +148,25 @@ def load_hf_into_stage(model: QwenVLModel, reader: HFCheckpointReader, cfg: Qwen
 
 
 def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "fp32", progress: Callable | None = None) -> str:
-    """HF Qwen-VL directory -> Megatron checkpoint `out_dir` (iteration 0) in the current layout. The stage
-    is allocated uninitialised and filled tensor by tensor; its memory is the only copy held."""
+    """HF Qwen-VL directory -> Megatron checkpoint `out_dir` (iteration 0) in the current layout.
+
+    The stage is allocated uninitialised (its pages untouched) and the save is planned from its shapes;
+    then the ranks take turns: each fills its stage tensor by tensor from the HF files, writes it and
+    frees it, so one (TP rank, PP stage) shard is resident at a time on the whole machine."""
     from ..training.checkpoint import save_model_weights
 
     _, cfg = read_hf_config(hf_dir)
     reader = HFCheckpointReader(hf_dir)
     model = build_stage(cfg, DTYPES[dtype], init=False)
-    load_hf_into_stage(model, reader, cfg, progress if _rank0() else None)
-    return save_model_weights([model], out_dir, cfg, iteration=0,
+
+    def fill():
+        load_hf_into_stage(model, reader, cfg, progress if _rank0() else None)
+
+    def release():
+        for t in _stage_tensors(model).values():
+            t.untyped_storage().resize_(0)
+
+    return save_model_weights([model], out_dir, cfg, iteration=0, turns=(fill, release),
                               args={"converted_from": os.path.abspath(hf_dir), "dtype": dtype})
 
 
@@ -186,33 +196,42 @@ def mcore_to_hf(load: str, out_dir: str, dtype: str | None = None, tokenizer_fil
                 code_repo: str = DEFAULT_CODE_REPO, generation: str | None = None) -> dict | None:
     """Megatron checkpoint -> HF directory (config.json with the release's fields and an `auto_map` into
     `code_repo`, generation_config.json, safetensors shards + index, tokenizer file and config).
-    Each stage streams: one tensor group at a time is gathered over TP, mapped and written to its shard
-    file by TP rank 0 (shard headers are known in advance), then dropped. Returns the index on rank 0."""
-    cfg, model = load_mcore_stage(load)
-    out_dtype = DTYPES[dtype] if dtype else next(model.parameters()).dtype
-    local = _stage_tensors(model)
-    groups = _source_groups(cfg, local)
-    shapes = hf_key_shapes(cfg)
-    writer = None
+
+    Nothing is loaded into a model: the writer of each pipeline stage (TP rank 0) reads its stage's
+    tensors one group at a time in full form straight from the checkpoint files (any saved layout),
+    maps them and streams them into its shard files, whose headers are known in advance. Every file is
+    first checked against the checkpoint's checksums. Returns the index on global rank 0."""
+    from ..training.checkpoint import read_model_config, resolve_checkpoint_dir, verify_checksums
+    from .dist_reader import DistCheckpointReader, layer_keys_map
+
+    ckpt = resolve_checkpoint_dir(load)
+    cfg = read_model_config(load)
+    verify_checksums(ckpt)  # collective: the files are split over the ranks
+    reader = DistCheckpointReader(ckpt)
+    stage = build_stage(cfg, checkpoint_dtype(ckpt), init=False)  # names and layer renaming only
+    names, keys_map = rank_model_keys(stage), layer_keys_map(stage)
+    del stage
+    out_dtype = DTYPES[dtype] if dtype else checkpoint_dtype(ckpt)
     if _writer_rank():
+        groups = _source_groups(cfg, names)
+        shapes = hf_key_shapes(cfg)
         specs = [(hk, shapes[hk][0], out_dtype) for srcs, _ in groups for hk in srcs]
         writer = HFShardWriter(out_dir, specs, parallel_state.get_pipeline_model_parallel_rank(), max_shard_bytes)
-    meter = _Meter(progress if _rank0() else None, sum(len(s) for s, _ in groups),
-                   sum(_nbytes(t) for t in local.values()) * parallel_state.get_tensor_model_parallel_world_size(),
-                   "written")
-    for srcs, mks in groups:
-        full = {mk: gather_full(local[mk], mk, cfg.llm.vocab_size) for mk in mks}  # collective over TP
-        if writer is not None:
+        meter = _Meter(progress if _rank0() else None, len(specs),
+                       sum(_nbytes(torch.empty(s, dtype=d, device="meta")) for _, s, d in specs), "written")
+        for srcs, mks in groups:
+            full = {}
+            for mk in mks:
+                t = reader.full(mk, keys_map)
+                full[mk] = t[: cfg.llm.vocab_size] if mk in VOCAB_KEYS else t  # padded rows never leave
             hf = model_to_hf(full, cfg)
+            del full
             for hk in srcs:
-                t = hf[hk].to(out_dtype)
+                t = hf.pop(hk).to(out_dtype)
                 writer.add(hk, t)
                 meter.add(1, _nbytes(t))
             del hf
-        del full
-    if writer is not None:
         writer.flush()
-    del local, model
     if dist.is_initialized():
         dist.barrier()
     index = None

@@ -337,18 +337,27 @@ class _InProcessSaveStrategy(TorchDistSaveShardedStrategy):
     (BrokenPipeError); a forked writer inherited the trainer's SIGTERM handler; a SIGKILLed rank left them
     behind. Here none of them exists."""
 
+    turns = None  # (prepare, release): see _write_in_turns
+
     def async_save(self, sharded_state_dict, checkpoint_dir):
         # prepare_write_data asks filesystem_async for the Manager's queue; hand it a placeholder instead
         # (replaced by a thread queue in _get_save_and_finalize_callbacks), so no Manager is started.
-        before = filesystem_async._results_queue
+        # With turns, the data is resolved in the rank's turn (megatron copies views while resolving: a
+        # copy taken before the turn would hold unfilled memory).
+        before = filesystem_async._results_queue, filesystem_async.FileSystemWriterAsync.prepare_write_data
         filesystem_async._results_queue = _NO_MANAGER
+        if self.turns is not None:
+            filesystem_async.FileSystemWriterAsync.prepare_write_data = _defer_prepare
         try:
             return super().async_save(sharded_state_dict, checkpoint_dir)
         finally:
-            filesystem_async._results_queue = before
+            filesystem_async._results_queue, filesystem_async.FileSystemWriterAsync.prepare_write_data = before
 
     def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
         request = super()._get_save_and_finalize_callbacks(writer, save_state_dict_ret)
+        if self.turns is not None:
+            return request._replace(async_fn=partial(_write_in_turns, self.turns, partial(_prepare_and_write, writer)),
+                                    async_fn_args=[None] * 3)
         if request.async_fn is None:  # nothing to write on this rank
             return request
         writer.results_queue = queue.SimpleQueue()  # read back by writer.retrieve_write_results
@@ -359,6 +368,51 @@ class _InProcessSaveStrategy(TorchDistSaveShardedStrategy):
 
 
 _NO_MANAGER = object()
+
+
+def _defer_prepare(writer, plan, planner) -> None:
+    """FileSystemWriterAsync.prepare_write_data for a save in turns: nothing resolved before the turn."""
+    writer._deferred = (plan, planner)
+    writer.write_buckets, writer.results_queue = [], None
+
+
+def _prepare_and_write(writer, *_) -> None:
+    """In the rank's turn: megatron's prepare_write_data (the data resolved now), then the write."""
+    before = filesystem_async._results_queue
+    filesystem_async._results_queue = _NO_MANAGER
+    try:
+        filesystem_async.FileSystemWriterAsync.prepare_write_data(writer, *writer._deferred)
+    finally:
+        filesystem_async._results_queue = before
+    writer.results_queue = None
+    if writer.write_buckets:
+        writer.results_queue = queue.SimpleQueue()
+        transforms = [writer.transforms] if hasattr(writer, "transforms") else []
+        _write_buckets(transforms, _rank(), writer.write_buckets, writer.results_queue)
+        # drop the data (megatron's copies of views among it) before the next rank fills its own
+        writer.write_buckets = [(path, name, ([], [])) for path, name, _ in writer.write_buckets]
+
+
+def _write_in_turns(turns, write, *args) -> None:
+    """The ranks write one after another, each calling `prepare()` just before and `release()` just
+    after its write: a converter fills its stage in `prepare` and frees it in `release`, so one rank's
+    tensors are resident at a time (the data is only read here; planning needs shapes alone). An error
+    is raised after every rank's turn, so no rank waits for one that gave up."""
+    prepare, release = turns
+    error = None
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for turn in range(world):
+        if turn == _rank():
+            try:
+                prepare()
+                if write is not None:
+                    write(*args)
+                release()
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks' turns
+                error = e
+        _barrier()
+    if error is not None:
+        raise error
 
 
 def _write_buckets(transforms: list, rank: int, buckets: list, results_queue) -> None:
@@ -437,7 +491,8 @@ def verify_checksums(path: str) -> None:
                               f"written at save; --no-verify-checksums loads it anyway)")
 
 
-def _save(state: dict, save_dir: str, iteration: int, cfg: QwenVLConfig, move_marker: bool = True) -> str:
+def _save(state: dict, save_dir: str, iteration: int, cfg: QwenVLConfig, move_marker: bool = True,
+          turns=None) -> str:
     final = iter_dir(save_dir, iteration)
     tmp = final + ".tmp"
     what = f"saving checkpoint iteration {iteration}"
@@ -451,7 +506,9 @@ def _save(state: dict, save_dir: str, iteration: int, cfg: QwenVLConfig, move_ma
             error = e
     _agree_ok(error, tmp, what)
     try:
-        dist_checkpointing.save(state, tmp, sharded_strategy=_InProcessSaveStrategy("torch_dist", 1))
+        strategy = _InProcessSaveStrategy("torch_dist", 1)
+        strategy.turns = turns
+        dist_checkpointing.save(state, tmp, sharded_strategy=strategy)
     # torch's CheckpointException derives from BaseException, not Exception
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised with errno, path, free space
         error = e
@@ -503,11 +560,13 @@ def mark_proven(save_dir: str, iteration: int) -> None:
 
 
 def save_model_weights(model_chunks: list, save_dir: str, cfg: QwenVLConfig, iteration: int = 0,
-                       args: Any = None) -> str:
-    """Weights only (converter output, or the hand-over between training stages). Collective."""
+                       args: Any = None, turns=None) -> str:
+    """Weights only (converter output, or the hand-over between training stages). Collective. With
+    `turns=(prepare, release)` the ranks write one at a time, each filling its tensors in `prepare`
+    (see `_write_in_turns`)."""
     state = {"model": _model_state(model_chunks), "iteration": iteration, "checkpoint_version": FORMAT_VERSION,
              "args": _plain(args), "layout": _layout()}
-    return _save(state, save_dir, iteration, cfg)
+    return _save(state, save_dir, iteration, cfg, turns=turns)
 
 
 def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, cfg: QwenVLConfig, optimizer,
