@@ -11,7 +11,8 @@ interleaved (order rotated per repeat), each in a child process timing only its 
 peak RSS above its start. OUT.json gets `hf_to_mcore_wall_ratio`, `mcore_to_hf_wall_ratio` (median over the
 floor's median), `..._peak_rss_ratio` (peak RSS over the weights' bytes), `..._peak_rss_bound_ratio` (over one
 (TP rank, PP stage) shard + one input shard file), and `round_trip_bit_exact`; OUT.png plots time against
-memory. Logic: qwenvl_megatron/convert/benchmark.py.
+memory. `--proof` converts once at full size and back, deleting the original on the way (two copies on
+disk at most) and comparing with tensors regenerated from their seeds. Logic: qwenvl_megatron/convert/benchmark.py.
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every case first")
     p.add_argument("--shard-mb", type=float, default=64, help="input shard size of the random checkpoint")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--proof", action="store_true",
+                   help="once, at full size: write the checkpoint, hf-to-mcore, delete it, mcore-to-hf, compare "
+                        "with regenerated tensors (e.g. --layout qwen-vl-7b --dtype bf16 --tp 2 --pp 2 --shard-mb "
+                        "2048 --work /big/disk); time, per-rank and whole-machine memory into --json")
     return p.parse_args(argv)
 
 
@@ -49,6 +54,17 @@ def main(argv=None):
     from qwenvl_megatron.runtime import bench
 
     work = args.work or tempfile.mkdtemp(prefix="bench_convert_")
+    if args.proof:
+        try:
+            result = benchmark.run_proof(work, args.layout, args.params, args.dtype, args.tp, args.pp,
+                                         int(args.shard_mb * 2 ** 20), args.seed,
+                                         log=lambda s: print(s, file=sys.stderr, flush=True))
+            result["command"] = " ".join(["tools/bench_convert.py", *(argv if argv is not None else sys.argv[1:])])
+            bench.write_json(args.json, result)
+        finally:
+            for d in ("hf", "mcore", "hf_back", "report"):
+                shutil.rmtree(os.path.join(work, d), ignore_errors=True)
+        sys.exit(0 if result["round_trip_bit_exact"] else 1)
     try:
         result = benchmark.run_bench(work, args.params, args.layout, args.dtype, args.tp, args.pp, args.repeats,
                                      int(args.shard_mb * 2 ** 20), args.seed, args.warmup,

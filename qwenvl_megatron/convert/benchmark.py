@@ -329,5 +329,90 @@ def chart(json_path: str, result: dict) -> str:
                        xlabel="peak RSS above start (MiB)", ylabel="wall time (s)")
 
 
+# ------------------------------------------------------------------------------------------- proof
+class MemorySampler:
+    """Samples, every `every` s, the summed RSS of the benchmark's child processes and the machine's
+    MemAvailable (a thread of the parent); `peak_children` and `min_available` in bytes."""
+
+    def __init__(self, every: float = 0.5):
+        import threading
+        self.every, self.peak_children, self.min_available = every, 0, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            total = 0
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if b"qwenvl_megatron.convert.benchmark\0child" not in f.read():
+                            continue
+                    with open(f"/proc/{pid}/status") as f:
+                        total += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
+                except (OSError, StopIteration):
+                    continue
+            self.peak_children = max(self.peak_children, total)
+            with open("/proc/meminfo") as f:
+                avail = next(int(l.split()[1]) for l in f if l.startswith("MemAvailable:")) * 1024
+            self.min_available = avail if self.min_available is None else min(self.min_available, avail)
+
+
+def run_proof(work: str, layout: str = "qwen-vl-7b", params: float = 9.6e9, dtype: str = "bf16", tp: int = 2,
+              pp: int = 2, max_shard_bytes: int = 2 * 2 ** 30, seed: int = 0,
+              log: Callable[[str], None] = print) -> dict:
+    """Write a random checkpoint shard by shard, convert it to TP x PP, delete it, convert back and compare
+    every tensor with the one regenerated from its seed (so at most two copies are ever on disk)."""
+    from ..runtime import bench
+    cfg = layout_config(layout, params)
+    tdtype = DTYPES[dtype]
+    hf, mcore, back = (os.path.join(work, n) for n in ("hf", "mcore", "hf_back"))
+    for d in (hf, mcore, back):
+        shutil.rmtree(d, ignore_errors=True)
+    with open("/proc/meminfo") as f:
+        mem = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f}
+    result = {"env": bench.environment(), "layout": layout, "params": count_params(cfg), "dtype": dtype, "tp": tp,
+              "pp": pp, "mem_total": mem["MemTotal"], "mem_available_at_start": mem["MemAvailable"]}
+    show = lambda done, total, what: log(f"[proof] write {done}/{total} {what}")
+    t0 = time.perf_counter()
+    write_random_hf(hf, cfg, tdtype, seed, max_shard_bytes, show)
+    result["write_s"] = time.perf_counter() - t0
+    result["hf_bytes"] = dir_bytes(hf)
+    result["input_shard_bytes"] = input_shard_bytes(hf)
+    log(f"[proof] {result['params'] / 1e9:.2f}B parameters, {result['hf_bytes'] / 1e9:.1f} GB written in "
+        f"{result['write_s']:.0f}s")
+    for case, src, dst in (("hf_to_mcore", hf, mcore), ("mcore_to_hf", mcore, back)):
+        t0 = time.perf_counter()
+        with MemorySampler() as mem_sampler:
+            info = run_case(case, src, dst, work, tp, pp, dtype, timeout=6 * 3600)
+        info["process_s"] = time.perf_counter() - t0
+        info["children_rss_peak_sampled"] = mem_sampler.peak_children
+        info["mem_available_min"] = mem_sampler.min_available
+        info["input_shard_bytes"] = input_shard_bytes(src)
+        info["output_bytes"] = dir_bytes(dst)
+        result[case] = info
+        log(f"[proof] {case}: {info['wall_s']:.0f}s of work ({info['process_s']:.0f}s with start-up), peak RSS "
+            f"per rank +{max(info['rank_deltas']) / 2 ** 30:.2f} GiB (stage {max(info['rank_stage_bytes']) / 2 ** 30:.2f} "
+            f"GiB), all ranks together <= {mem_sampler.peak_children / 2 ** 30:.2f} GiB sampled")
+        if case == "hf_to_mcore":
+            shutil.rmtree(hf)  # the disk holds at most two copies: the original is regenerated to compare
+    t0 = time.perf_counter()
+    shapes = hf_key_shapes(cfg)
+    bad = differences(back, lambda k: random_tensor(k, shapes[k][0], tdtype, seed), hf_keys(cfg))
+    result["compare_s"] = time.perf_counter() - t0
+    result["round_trip_bit_exact"] = not bad
+    result["round_trip_mismatches"] = bad[:10]
+    log(f"[proof] round trip bit-exact: {not bad} ({len(bad)} tensors differ), compared in {result['compare_s']:.0f}s")
+    return result
+
+
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "child":
     child_main(sys.argv[2:])
