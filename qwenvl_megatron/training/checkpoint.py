@@ -376,20 +376,43 @@ def _defer_prepare(writer, plan, planner) -> None:
     writer.write_buckets, writer.results_queue = [], None
 
 
+class _CopiedWhenWritten:
+    """A bucket's tensors, each view copied when the writer reaches it (megatron copies views so a
+    file does not get a view's whole storage; copying them all before writing would hold a second copy
+    of every one at once)."""
+
+    def __init__(self, items: list):
+        self.items = items
+
+    def __iter__(self):
+        for item, t in self.items:
+            t = t.detach()
+            yield item, (t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 def _prepare_and_write(writer, *_) -> None:
-    """In the rank's turn: megatron's prepare_write_data (the data resolved now), then the write."""
-    before = filesystem_async._results_queue
-    filesystem_async._results_queue = _NO_MANAGER
-    try:
-        filesystem_async.FileSystemWriterAsync.prepare_write_data(writer, *writer._deferred)
-    finally:
-        filesystem_async._results_queue = before
+    """In the rank's turn: the buckets and file names of megatron's prepare_write_data, with the data
+    resolved now and views copied one at a time (`_CopiedWhenWritten`); then the write."""
+    from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
+    from torch.distributed.checkpoint.planner import WriteItemType
+    plan, planner = writer._deferred
+    writer.write_buckets = []
+    for bucket in filesystem_async._split_by_size_and_type(writer.thread_count, plan.items):
+        bytes_data = [(i, planner.resolve_data(i)) for i in bucket if i.type == WriteItemType.BYTE_IO]
+        tensor_data = [(i, planner.resolve_data(i)) for i in bucket if i.type != WriteItemType.BYTE_IO]
+        if bytes_data or tensor_data:
+            name = f"{plan.storage_data.prefix}{len(writer.write_buckets)}{DEFAULT_SUFFIX}"
+            writer.write_buckets.append((os.path.join(writer.checkpoint_dir, name), name,
+                                         (bytes_data, _CopiedWhenWritten(tensor_data))))
     writer.results_queue = None
     if writer.write_buckets:
         writer.results_queue = queue.SimpleQueue()
         transforms = [writer.transforms] if hasattr(writer, "transforms") else []
         _write_buckets(transforms, _rank(), writer.write_buckets, writer.results_queue)
-        # drop the data (megatron's copies of views among it) before the next rank fills its own
+        # drop the data before the next rank fills its own
         writer.write_buckets = [(path, name, ([], [])) for path, name, _ in writer.write_buckets]
 
 
