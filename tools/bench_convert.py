@@ -50,6 +50,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    # Transparent huge pages for torch's large allocations (read once, before torch allocates; inherited by
+    # the ranks): filling a stage 4 KiB page fault at a time cost more than copying it (docs/conversion.md).
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from qwenvl_megatron.convert import benchmark
     from qwenvl_megatron.runtime import bench
 

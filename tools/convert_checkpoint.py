@@ -107,6 +107,9 @@ def run(args):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Transparent huge pages for torch's large allocations (read once, before torch allocates; inherited by
+    # the ranks): filling a stage 4 KiB page fault at a time cost more than copying it (docs/conversion.md).
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     args = parse_args(argv)
     from qwenvl_megatron.convert.hf_checkpoint import HFCheckpointError
     from qwenvl_megatron.convert.hf_layout import UnknownKeyError
