@@ -320,7 +320,7 @@ def chart(json_path: str, result: dict) -> str:
                      (info["peak_rss_delta_bytes"]["max"] / 2 ** 20, info["wall_s"]["max"])]
     bound = max(result["hf_to_mcore_peak_rss_bound_bytes"], result["mcore_to_hf_peak_rss_bound_bytes"]) / 2 ** 20
     top = max(y for s in series.values() for _, y in s)
-    series["~memory bound (shard + input shard)"] = [(bound, 0.0), (bound, top)]
+    series["~stage + input shard"] = [(bound, 0.0), (bound, top)]
     series["~1.5x floor"] = [(0.0, 1.5 * result["cases"]["floor"]["wall_s"]["median"]),
                             (bound, 1.5 * result["cases"]["floor"]["wall_s"]["median"])]
     return bench.chart(bench.png_path(json_path), series, lines=False,
