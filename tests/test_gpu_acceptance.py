@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHECKS = ["te_vs_local_logits", "bf16_step_tiny", "bf16_step_small", "stage_scripts", "dali_vs_pillow", "multi_gpu"]
+CHECKS = ["te_vs_local_logits", "te_packed_thd", "bf16_step_tiny", "bf16_step_small", "stage_scripts", "dali_vs_pillow", "multi_gpu"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
@@ -49,6 +49,9 @@ def test_cpu_smoke_records_the_numbers(smoke):
     assert checks["te_vs_local_logits"]["status"] == "SKIP"
     assert n["te_vs_local_logits"]["fp32_max_diff"] == 0 == n["te_vs_local_logits"]["bf16_max_diff"]
     assert n["te_vs_local_logits"]["fp32_max_abs_logit"] > 0
+    # Packed per-sample attention: the local mask path is checked for real; TE's THD path only on a GPU.
+    assert checks["te_packed_thd"]["status"] == "SKIP" and "te_max_diff" not in n["te_packed_thd"]
+    assert n["te_packed_thd"]["local_max_diff"] <= 1e-4 < n["te_packed_thd"]["local_max_abs_logit"]
     for name in ("bf16_step_tiny", "bf16_step_small"):
         assert checks[name]["status"] == "PASS"
         assert n[name]["steps"] == 3 and n[name]["misplaced"] == 0 and n[name]["max_rel_loss_diff"] <= 0.01

@@ -2,6 +2,7 @@
 """Issue #9's GPU acceptance: what only a GPU can show (docs/gpu.md, "Acceptance: tests/gpu/run.sh").
 
     te_vs_local_logits  Transformer Engine vs local layers, one checkpoint: fp32 logits within 1e-4, bf16 reported
+    te_packed_thd       two samples packed in one row, per-sample attention (TE: THD, local: mask) = unpacked, 1e-4
     bf16_step_tiny      20 steps fp32 vs bf16: losses within 1%, nothing off the GPU, peak memory / --dry-run
     bf16_step_small     the same at 7B width (4 LLM layers, 4 ViT-bigG layers, seq 512, 224 px)
     stage_scripts       examples/ stages 1 -> 2 -> 3 in cluster mode on the demo's data, mcore-to-hf, generate
@@ -97,6 +98,45 @@ def te_vs_local_logits(work: str) -> dict:
     if other == "local":
         return dict(out, skip="no Transformer Engine (or no CUDA): local vs local only")
     return dict(out, ok=out["fp32_max_diff"] <= 1e-4)
+
+
+# ----------------------------------------------------------------- 1b. packed per-sample attention (THD)
+def te_packed_thd(work: str) -> dict:
+    """Two samples packed into one row (positions restart at the second) give, under per-sample attention,
+    each sample's own logits: through TE's THD fused attention (cu_seqlens, models/packed.py) and through the
+    local layers' explicit mask, fp32, against the same samples unpacked."""
+    import torch
+    from qwenvl_megatron.data.loader import MockLoader
+    from qwenvl_megatron.models.config import tiny
+    from qwenvl_megatron.models.parallel import ParallelPlan
+    from qwenvl_megatron.runtime import have_transformer_engine, initialize
+    from qwenvl_megatron.runtime.layer_impl import available_fusions
+    from qwenvl_megatron.training.checkpoint import load_model_weights, save_model_weights
+    from qwenvl_megatron.training.step import build_model
+
+    dev = initialize(1, 1)
+    other = "te" if have_transformer_engine() else "local"
+    cfg, seq = tiny(), 64
+    batch = to_device(MockLoader(2, seq, cfg.llm.vocab_size, cfg.vit.image_size, cfg.image_start_id,
+                                 cfg.adapter.num_queries).microbatch(0), dev)
+    ids, images = batch["input_ids"], batch["images"]
+    packed_ids = ids.reshape(1, 2 * seq)  # sample 0 then sample 1; images stay in row-major order
+    positions = torch.arange(seq, device=dev).repeat(2).reshape(1, 2 * seq)
+    weights = os.path.join(work, "local_weights")
+    save_model_weights(build_model(cfg, ParallelPlan(), wrap_ddp=False), weights, cfg)
+    out = {}
+    for impl in ("local", other) if other == "te" else ("local",):
+        plan = ParallelPlan(impl=impl, params_dtype=torch.float32, fusions=available_fusions())
+        model = build_model(cfg, plan, wrap_ddp=False)[0]
+        load_model_weights([model], weights)
+        with torch.no_grad():
+            unpacked = model.eval()(ids, images, None).float()
+            packed = model(packed_ids, images, None, position_ids=positions).float().reshape(unpacked.shape)
+        out[f"{impl}_max_diff"] = (packed - unpacked).abs().max().item()
+        out[f"{impl}_max_abs_logit"] = unpacked.abs().max().item()
+    if other == "local":
+        return dict(out, skip="no Transformer Engine (or no CUDA): the local mask path only")
+    return dict(out, ok=max(out["te_max_diff"], out["local_max_diff"]) <= 1e-4)
 
 
 # ------------------------------------------------------------------------------- 2. bf16 vs fp32 steps
@@ -331,6 +371,7 @@ def multi_gpu(work: str) -> dict:
 
 CHECKS = [  # name, function, time limit (s) on a GPU
     ("te_vs_local_logits", te_vs_local_logits, 120),
+    ("te_packed_thd", te_packed_thd, 90),
     ("bf16_step_tiny", bf16_step_tiny, 120),
     ("bf16_step_small", bf16_step_small, 240),
     ("stage_scripts", stage_scripts, 300),
