@@ -28,4 +28,7 @@ if __name__ == "__main__":
         _raise_after_save()
     with device_discipline("cpu"):
         result = train.main(sys.argv[1:])
-    print(json.dumps({"history": result["history"]}), flush=True)
+    # One write per line: under `python -u` print() writes the text and its newline separately, and ranks
+    # sharing a stdout (a bare srun launch) could then interleave two lines into one.
+    sys.stdout.write(json.dumps({"history": result["history"]}) + "\n")
+    sys.stdout.flush()
