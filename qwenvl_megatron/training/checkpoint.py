@@ -26,11 +26,11 @@ current; the next successful save removes the `iter_*.tmp` it left. The trainer 
 `move_marker=False` and calls `mark_proven` once a finite loss on the weights proves them. A failed save
 raises `CheckpointSaveError` on every rank: one line with the errno, the path and the free space.
 
-Every file of a checkpoint has its size and CRC-32 in `checksums.json` (each rank's shards hashed as
-they are written, rank 0 hashes the rest, before the rename); loads verify them first
-(`verify_checksums=False` skips it) and refuse a damaged file by name. Saves write in this process
-(megatron's torch_dist format through `_InProcessSaveStrategy`): no writer process, no spawn manager, no resource tracker, so a SIGTERM sent to
-the whole process group (torchrun, Slurm) reaches only the trainer, whose save goes on.
+Every file of a checkpoint has its size and CRC-32 in `checksums.json` (each rank's shards hashed as they
+are written, rank 0 hashes the rest, before the rename); loads verify them first (`verify_checksums=False`
+skips it) and refuse a damaged file by name. Saves write in this process (megatron's torch_dist format
+through `_InProcessSaveStrategy`): no writer process, no spawn manager, no resource tracker, so a SIGTERM
+sent to the whole process group (torchrun, Slurm) reaches only the trainer, whose save goes on.
 """
 from __future__ import annotations
 
