@@ -109,6 +109,8 @@ def test_flipped_bytes_in_a_shard_are_refused_naming_the_file(saved, tmp_path):
     recorded = json.load(open(os.path.join(iter1, ckpt.CHECKSUMS)))
     assert recorded["algorithm"] == "crc32"
     assert sorted(recorded["files"]) == sorted(n for n in os.listdir(iter1) if n != ckpt.CHECKSUMS)
+    # the shards' sums are taken while writing: they must be what reading the files back gives
+    assert {n: ckpt._file_checksum(os.path.join(iter1, n)) for n in recorded["files"]} == recorded["files"]
     ckpt.load_model_weights(build_model(cfg, ParallelPlan(), wrap_ddp=False), save)  # intact: loads
 
     shard = max(glob.glob(os.path.join(iter1, "*.distcp")), key=os.path.getsize)
@@ -133,6 +135,28 @@ def test_flipped_bytes_in_a_shard_are_refused_naming_the_file(saved, tmp_path):
     os.truncate(shard, os.path.getsize(shard) - 1)
     with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{os.path.basename(shard)} has ")):
         ckpt.load_model_weights(build_model(cfg, ParallelPlan(), wrap_ddp=False), save)
+
+
+def test_a_view_is_written_as_its_own_bytes_without_a_copy(tmp_path):
+    """torch.save writes a tensor's whole storage: a contiguous view is aliased by a tensor whose storage
+    is exactly its bytes (no copy), and saves and loads like a clone; other views are copied."""
+    for dtype in (torch.float32, torch.bfloat16):
+        base = torch.arange(60, dtype=torch.float32, device="cpu").to(dtype).reshape(10, 6)
+        view = base[2:5]
+        alias = ckpt._exact_storage(view)
+        assert alias.data_ptr() == view.data_ptr() and alias.untyped_storage().nbytes() == view.nbytes
+        assert alias.dtype == dtype and alias.shape == view.shape and torch.equal(alias, view)
+        torch.save(alias, tmp_path / "a.pt")
+        loaded = torch.load(tmp_path / "a.pt", weights_only=True)
+        assert torch.equal(loaded, view) and loaded.untyped_storage().nbytes() == view.nbytes
+        torch.save(view.clone(), tmp_path / "c.pt")
+        torch.save(view, tmp_path / "v.pt")  # the whole storage
+        assert os.path.getsize(tmp_path / "a.pt") == os.path.getsize(tmp_path / "c.pt") < os.path.getsize(
+            tmp_path / "v.pt")
+        strided = base[:, 1:3]
+        copy = ckpt._exact_storage(strided)
+        assert torch.equal(copy, strided) and copy.untyped_storage().nbytes() == strided.nbytes
+        assert ckpt._exact_storage(base) is base
 
 
 def test_save_to_a_read_only_file_system_is_one_line_and_keeps_the_marker(tmp_path):

@@ -26,16 +26,19 @@ current; the next successful save removes the `iter_*.tmp` it left. The trainer 
 `move_marker=False` and calls `mark_proven` once a finite loss on the weights proves them. A failed save
 raises `CheckpointSaveError` on every rank: one line with the errno, the path and the free space.
 
-Every file of a checkpoint has its size and CRC-32 in `checksums.json` (each rank hashes the shards it
-wrote, rank 0 the rest, before the rename); loads verify them first (`verify_checksums=False` skips it) and
-refuse a damaged file by name. Saves write in this process (megatron's torch_dist format through
-`_InProcessSaveStrategy`): no writer process, no spawn manager, no resource tracker, so a SIGTERM sent to
-the whole process group (torchrun, Slurm) reaches only the trainer, whose save goes on.
+Every file of a checkpoint has its size and CRC-32 in `checksums.json` (each rank's shards hashed as they
+are written, rank 0 hashes the rest, before the rename); loads verify them first (`verify_checksums=False`
+skips it) and refuse a damaged file by name. Saves write in this process (megatron's torch_dist format
+through `_InProcessSaveStrategy`): no writer process, no spawn manager, no resource tracker, so a SIGTERM
+sent to the whole process group (torchrun, Slurm) reaches only the trainer, whose save goes on.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import glob
+import inspect
+import itertools
 import json
 import os
 import queue
@@ -377,20 +380,31 @@ def _defer_prepare(writer, plan, planner) -> None:
 
 
 class _CopiedWhenWritten:
-    """A bucket's tensors, each view copied when the writer reaches it (megatron copies views so a
-    file does not get a view's whole storage; copying them all before writing would hold a second copy
-    of every one at once)."""
+    """A bucket's tensors, each taken when the writer reaches it. torch.save writes a tensor's whole
+    storage, so megatron copies views; a contiguous view is instead aliased by a tensor whose storage is
+    exactly its bytes (same file, no copy); only a non-contiguous one is copied, one at a time."""
 
     def __init__(self, items: list):
         self.items = items
 
     def __iter__(self):
         for item, t in self.items:
-            t = t.detach()
-            yield item, (t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t)
+            yield item, _exact_storage(t.detach())
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+def _exact_storage(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a tensor with the same values whose storage holds exactly them (what torch.save writes).
+    The alias borrows `t`'s memory: `t` must outlive it (the bucket keeps it)."""
+    nbytes = t.numel() * t.element_size()
+    if t.untyped_storage().nbytes() == nbytes:
+        return t
+    if nbytes == 0 or not t.is_contiguous():
+        return t.clone(memory_format=torch.contiguous_format)
+    raw = (ctypes.c_char * nbytes).from_address(t.data_ptr())
+    return torch.frombuffer(raw, dtype=torch.uint8).view(t.dtype).view(t.shape)
 
 
 def _prepare_and_write(writer, *_) -> None:
@@ -440,24 +454,65 @@ def _write_in_turns(turns, write, *args) -> None:
 
 def _write_buckets(transforms: list, rank: int, buckets: list, results_queue) -> None:
     """What megatron's write_preloaded_data_multiproc does, with threads instead of forked processes:
-    each bucket (one file) written and fsynced by megatron's own write_preloaded_data; the results, or
-    the first error, go to `results_queue`."""
-    local, count = queue.Queue(), queue.Queue()
-    for i in range(len(buckets)):
-        count.put(i)
-    write = filesystem_async.FileSystemWriterAsync.write_preloaded_data
-    with ThreadPoolExecutor(max_workers=len(buckets), thread_name_prefix="ckpt-writer") as pool:
-        for future in [pool.submit(write, transforms, i, bucket, local, count, True)
-                       for i, bucket in enumerate(buckets)]:
-            future.result()
-    results: dict = {}
-    while not local.empty():
-        index, result = local.get()
-        if isinstance(result, Exception):
-            results_queue.put(result)
-            return
-        results[index] = result
-    results_queue.put(results)
+    each bucket (one file) written item by item as megatron's write_preloaded_data writes it, then
+    fsynced; the results, or the first error, go to `results_queue`."""
+    with ThreadPoolExecutor(max_workers=max(1, len(buckets)), thread_name_prefix="ckpt-writer") as pool:
+        futures = [pool.submit(_write_bucket, transforms, bucket) for bucket in buckets]
+        try:
+            results_queue.put({i: f.result() for i, f in enumerate(futures)})
+        except Exception as e:  # noqa: BLE001 - megatron's retrieve_write_results re-raises it
+            results_queue.put(e)
+
+
+class _Checksummed:
+    """A file that keeps the CRC-32 and size of what is written through it, so checksums.json needs no
+    second pass over the written shards."""
+
+    def __init__(self, f):
+        self.f, self.crc, self.size = f, 0, 0
+
+    def write(self, b) -> int:
+        n = self.f.write(b)
+        view = memoryview(b)
+        self.crc = zlib.crc32(view if view.contiguous else view.tobytes(), self.crc)
+        self.size += view.nbytes
+        return n
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+
+_WRITTEN: dict[str, dict] = {}  # shard path -> {"size", "crc32"} recorded by _write_bucket, taken by _save
+
+
+def _write_bucket(transforms: list, bucket) -> list:
+    """One shard file: its byte items, then its tensors (torch.save records), as megatron writes them."""
+    from torch.distributed.checkpoint.filesystem import _write_item
+    path, storage_key, (bytes_data, tensor_data) = bucket
+    extra = {}
+    if "serialization_format" in inspect.signature(_write_item).parameters:
+        from torch.distributed.checkpoint.filesystem import SerializationFormat
+        extra["serialization_format"] = SerializationFormat.TORCH_SAVE
+    _WRITTEN.pop(path, None)
+    results = []
+    with open(path, "wb") as f:
+        out = _Checksummed(f)
+        for item, data in itertools.chain(bytes_data, tensor_data):
+            if isinstance(data, torch.Tensor) and not data.is_cpu:
+                raise ValueError(f"checkpoint writer got a tensor on {data.device} for {path}")
+            results.append(_write_item(*transforms, out, data, item, storage_key, **extra))
+        f.flush()
+        os.fsync(f.fileno())
+    if out.size != os.path.getsize(path):
+        raise OSError(errno.EIO, f"wrote {out.size} bytes, the file has {os.path.getsize(path)}", path)
+    _WRITTEN[path] = {"size": out.size, "crc32": f"{out.crc:08x}"}
+    return results
 
 
 def _file_checksum(path: str) -> dict:
@@ -537,8 +592,9 @@ def _save(state: dict, save_dir: str, iteration: int, cfg: QwenVLConfig, move_ma
         error = e
     _agree_ok(error, tmp, what)
     sums: dict = {}
-    try:  # each rank hashes the shards it wrote (from the page cache); rank 0 adds the rest below
-        sums = {name: _file_checksum(os.path.join(tmp, name)) for name in _own_shards(tmp)}
+    try:  # each rank's shards were hashed as they were written (read back if not); rank 0 adds the rest below
+        sums = {name: _WRITTEN.pop(os.path.join(tmp, name), None) or _file_checksum(os.path.join(tmp, name))
+                for name in _own_shards(tmp)}
     except OSError as e:
         error = e
     _agree_ok(error, tmp, what)
