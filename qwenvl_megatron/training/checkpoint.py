@@ -398,6 +398,8 @@ class _CopiedWhenWritten:
 def _exact_storage(t: torch.Tensor) -> torch.Tensor:
     """`t`, or a tensor with the same values whose storage holds exactly them (what torch.save writes).
     The alias borrows `t`'s memory: `t` must outlive it (the bucket keeps it)."""
+    if t.device.type != "cpu":  # never alias a device address from the host: copy it over (exact storage)
+        return t.to("cpu")
     nbytes = t.numel() * t.element_size()
     if t.untyped_storage().nbytes() == nbytes:
         return t
