@@ -91,10 +91,9 @@ def have_transformer_engine_package() -> bool:
 def have_transformer_engine() -> bool:
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or not have_transformer_engine_package():
         return False
     try:
-        import transformer_engine.pytorch  # noqa: F401
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider  # noqa: F401
         return True
     except Exception:

@@ -143,18 +143,22 @@ def _one_step(model, opt, sched, batches, layout, timer, device) -> dict:
     return times
 
 
+def _timed_steps(cfg, seq, image_size, mbs, m, steps, device):
+    """Build the model of `cfg` and run one warm-up then `steps` timed steps: (model, opt, sched, [phase times])."""
+    model, opt, sched, loader, layout = _build(cfg, seq, image_size, mbs, m, device)
+    batches = loader.iterate(0, m, layout.global_batch_size)
+    timer = _PhaseTimer(device)
+    with timer.installed(model):
+        _one_step(model, opt, sched, batches, layout, timer, device)  # warm-up
+        per_step = [_one_step(model, opt, sched, batches, layout, timer, device) for _ in range(steps)]
+    return model, opt, sched, per_step
+
+
 def phases(config_name: str, steps: int, device, checkpoint: bool = True, seq_length: int | None = None) -> dict:
     """Phase times of `steps` training steps (after one warm-up step) of a config, world of this process."""
     cfg, seq, image_size, mbs, m = config(config_name, seq_length)
     cfg = cfg.replace(vit={"image_size": image_size})
-    model, opt, sched, loader, layout = _build(cfg, seq, image_size, mbs, m, device)
-    batches = loader.iterate(0, m, layout.global_batch_size)
-    timer = _PhaseTimer(device)
-    per_step = []
-    with timer.installed(model):
-        _one_step(model, opt, sched, batches, layout, timer, device)  # warm-up
-        for _ in range(steps):
-            per_step.append(_one_step(model, opt, sched, batches, layout, timer, device))
+    model, opt, sched, per_step = _timed_steps(cfg, seq, image_size, mbs, m, steps, device)
     out = {"config": config_name, "seq_length": seq, "image_size": image_size, "micro_batch_size": mbs,
            "microbatches": m, "steps": steps,
            "model": {"llm_layers": cfg.llm.num_layers, "hidden": cfg.llm.hidden_size, "vit_width": cfg.vit.width,
@@ -185,15 +189,8 @@ def bubble(config_name: str, steps: int, device, microbatches: int | None = None
     cfg, seq, image_size, mbs, m = config(config_name)
     m = microbatches or m
     cfg = cfg.replace(vit={"image_size": image_size})
-    model, opt, sched, loader, layout = _build(cfg, seq, image_size, mbs, m, device)
-    batches = loader.iterate(0, m, layout.global_batch_size)
-    timer = _PhaseTimer(device)
-    rows = []
-    with timer.installed(model):
-        _one_step(model, opt, sched, batches, layout, timer, device)  # warm-up
-        for _ in range(steps):
-            t = _one_step(model, opt, sched, batches, layout, timer, device)
-            rows.append((t["schedule"], t["forward"] + t["backward"]))
+    _, _, _, per_step = _timed_steps(cfg, seq, image_size, mbs, m, steps, device)
+    rows = [(t["schedule"], t["forward"] + t["backward"]) for t in per_step]
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     mine = torch.tensor([[s, b] for s, b in rows], dtype=torch.float64, device=device)
     parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
