@@ -48,6 +48,32 @@ def test_interrupted_save_leaves_the_previous_checkpoint_current(saved, tmp_path
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_a_save_from_a_source_writes_what_it_gives_each_tensor_in_one_run(saved, tmp_path):
+    """`source` (what the converter uses) is asked for every model tensor or view when the writer reaches
+    it; its answers are what is saved; the views of one tensor (fc1's halves) come one after the other
+    on one writer thread; an answer of the wrong shape is an error naming the tensor."""
+    import threading
+    cfg, model, _ = saved
+    calls = []
+
+    def plus_one(t):
+        calls.append((threading.get_ident(), t.untyped_storage().data_ptr()))
+        return t + 1
+
+    ckpt.save_model_weights(model, str(tmp_path / "s"), cfg, iteration=0, source=plus_one)
+    fresh = build_model(cfg, ParallelPlan(), wrap_ddp=False)
+    ckpt.load_model_weights(fresh, str(tmp_path / "s"))
+    want, got = _weights(model), _weights(fresh)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k] + 1) for k in want)
+    for thread in {th for th, _ in calls}:
+        seq = [ptr for th, ptr in calls if th == thread]
+        runs = [ptr for i, ptr in enumerate(seq) if i == 0 or seq[i - 1] != ptr]
+        assert len(runs) == len(set(runs)), "a tensor's views were not written in one run"
+    assert len(calls) > len({ptr for _, ptr in calls})  # some tensor was written as several views
+    with pytest.raises(ckpt.CheckpointSaveError, match=r"checkpoint source gave .* for \S+, which is"):
+        ckpt.save_model_weights(model, str(tmp_path / "bad"), cfg, iteration=0, source=lambda t: t.reshape(-1))
+
+
 def test_missing_shard_names_the_checkpoint(saved, tmp_path):
     cfg, model, save = saved
     save = shutil.copytree(save, str(tmp_path / "ckpt"))

@@ -5,9 +5,12 @@ Each conversion runs in a child process (qwenvl_megatron/convert/benchmark.run_c
 RSS above the RSS it had before converting (the kernel's high-water mark, reset just before). A converter
 that builds a randomly initialised model and holds the HF dict, the mapped dict and the model at once
 peaks near 2.5x the weights; the bound here is the weights of the stage + the largest input file + 48 MiB.
-The export never loads a stage, so it stays under half of one.
+Neither direction ever fills a stage (the import makes each tensor when the checkpoint writer reaches it,
+the export reads one tensor group at a time), so both stay under half of one (+ the slack), and above the
+largest tensor (the measurement sees what is held).
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,10 +48,10 @@ def test_hf_to_mcore_and_back_stay_within_one_shard_plus_one_input_shard(hf200):
         bound = case["stage_bytes"] + benchmark.input_shard_bytes(str(src)) + SLACK
         assert case["stage_bytes"] > 0.95 * weights  # one rank holds the whole model
         assert case["peak_rss_delta"] <= bound, (case, bound)
-    assert there["peak_rss_delta"] > 0.8 * there["stage_bytes"]  # the measurement sees the filled stage
-    # the export reads one tensor group at a time from the checkpoint files: no stage is ever resident
-    assert back["peak_rss_delta"] < 0.5 * back["stage_bytes"], back
     shapes = hf_key_shapes(cfg)
+    largest = max(math.prod(shape) for shape, _ in shapes.values()) * 4
+    for case in (there, back):
+        assert largest < case["peak_rss_delta"] < 0.5 * case["stage_bytes"] + SLACK, (case, largest)
     bad = benchmark.differences(str(w / "back"), lambda k: benchmark.random_tensor(k, shapes[k][0], torch.float32, 3),
                                 hf_keys(cfg))
     assert bad == []

@@ -12,8 +12,10 @@ local spec maps its norm keys to TE's fused names), and it needs no GPU.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
+import threading
 import time
 from typing import Callable
 
@@ -120,6 +122,18 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _hf_piece(mk: str, like: torch.Tensor, srcs, reader: HFCheckpointReader, cfg: QwenVLConfig, tp_rank: int,
+              tp: int, made: dict | None = None) -> torch.Tensor:
+    """This rank's piece of model tensor `mk` (shaped like `like`), made from its HF tensors `srcs` (or
+    taken from `made`, the group's mapped tensors)."""
+    full = made if made is not None else hf_to_model({k: reader.get(k) for k in srcs}, cfg, partial=True)
+    piece = shard(full[mk], like, mk, tp_rank, tp)
+    if piece.shape != like.shape:
+        raise HFCheckpointError(f"{mk}: source shape {tuple(piece.shape)} does not fit "
+                                f"{tuple(like.shape)} (tp rank {tp_rank}/{tp})")
+    return piece
+
+
 @torch.no_grad()
 def load_hf_into_stage(model: QwenVLModel, reader: HFCheckpointReader, cfg: QwenVLConfig,
                        progress: Callable | None = None) -> None:
@@ -133,41 +147,91 @@ def load_hf_into_stage(model: QwenVLModel, reader: HFCheckpointReader, cfg: Qwen
     meter = _Meter(progress, len(dst_of), sum(_nbytes(t) for t in dst_of.values()), "filled")
     try:
         for srcs, mks in groups:
-            full = hf_to_model({k: reader.get(k) for k in srcs}, cfg, partial=True)
+            made = hf_to_model({k: reader.get(k) for k in srcs}, cfg, partial=True)
             for mk in mks:
-                dst = dst_of[mk]
-                src = shard(full[mk], dst, mk, tp_rank, tp)
-                if src.shape != dst.shape:
-                    raise HFCheckpointError(f"{mk}: source shape {tuple(src.shape)} does not fit "
-                                            f"{tuple(dst.shape)} (tp rank {tp_rank}/{tp})")
-                dst.copy_(src)  # casts to the model's dtype
-                meter.add(1, _nbytes(dst))
-            del full
+                dst_of[mk].copy_(_hf_piece(mk, dst_of[mk], srcs, reader, cfg, tp_rank, tp, made))  # casts
+                meter.add(1, _nbytes(dst_of[mk]))
+            del made
     finally:
         reader.close()
+
+
+class _HFSource:
+    """The checkpoint writer's source for a converter's stage (see `save_model_weights`): the stage is
+    allocated but never filled; a tensor the writer asks for (a stage tensor or a view of one, found by
+    its address) is cut from this rank's piece of that stage tensor, made from the HF files when first
+    asked for and dropped once all of it was written. A piece that is a slice of one HF tensor is a view
+    of the file's mapping, so its bytes go from the input's page cache to the output's with no copy
+    between; only tensors assembled from several (fc1, qkv, the padded vocabulary) or cast are made in
+    memory."""
+
+    def __init__(self, model: QwenVLModel, reader: HFCheckpointReader, cfg: QwenVLConfig,
+                 progress: Callable | None = None):
+        self.reader, self.cfg = reader, cfg
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.dst_of = _stage_tensors(model)
+        self.sources = hf_sources(cfg)
+        for mk in self.dst_of:
+            if mk not in self.sources:
+                raise HFCheckpointError(f"model tensor {mk} has no HF source")
+        spans = sorted((t.data_ptr(), t.data_ptr() + _nbytes(t), mk) for mk, t in self.dst_of.items() if t.numel())
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise RuntimeError(f"stage tensors {a} and {b} share memory")
+        self.spans, self.starts = spans, [s for s, _, _ in spans]
+        self.made: dict[str, list] = {}  # model key -> [lock, piece, elements not yet written]
+        # a tensor replicated over TP is written by TP rank 0 only: the other ranks' meters end short of 100%
+        self.meter = _Meter(progress, len(self.dst_of), sum(_nbytes(t) for t in self.dst_of.values()), "written")
+        self.lock = threading.Lock()
+
+    def _stage_tensor_of(self, t: torch.Tensor) -> str:
+        i = bisect.bisect_right(self.starts, t.data_ptr()) - 1
+        if i >= 0:
+            start, end, mk = self.spans[i]
+            if t.data_ptr() + _nbytes(t) <= end and t.is_contiguous():
+                return mk
+        raise HFCheckpointError(f"the checkpoint writer asked for a tensor of shape {tuple(t.shape)} that is "
+                                "no part of this stage's model tensors")
+
+    @torch.no_grad()
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        mk = self._stage_tensor_of(t)
+        dst = self.dst_of[mk]
+        with self.lock:
+            entry = self.made.setdefault(mk, [threading.Lock(), None, dst.numel()])
+        with entry[0]:
+            if entry[1] is None:
+                piece = _hf_piece(mk, dst, self.sources[mk], self.reader, self.cfg, self.tp_rank, self.tp)
+                entry[1] = piece.to(dst.dtype).contiguous()
+            piece = entry[1]
+            entry[2] -= t.numel()
+            done = entry[2] == 0
+        if done:
+            with self.lock:
+                del self.made[mk]
+                self.meter.add(1, _nbytes(dst))
+        offset = (t.data_ptr() - dst.data_ptr()) // dst.element_size()
+        return piece.as_strided(t.shape, t.stride(), piece.storage_offset() + offset)
 
 
 def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "fp32", progress: Callable | None = None) -> str:
     """HF Qwen-VL directory -> Megatron checkpoint `out_dir` (iteration 0) in the current layout.
 
-    The stage is allocated uninitialised (its pages untouched) and the save is planned from its shapes;
-    then the ranks take turns: each fills its stage tensor by tensor from the HF files, writes it and
-    frees it, so one (TP rank, PP stage) shard is resident at a time on the whole machine."""
+    The stage is allocated but never filled (its pages untouched): the save is planned from its shapes,
+    and the writer takes each tensor's piece from the HF files as it reaches it (`_HFSource`), so a rank
+    holds only the tensors being written."""
     from ..training.checkpoint import save_model_weights
 
     _, cfg = read_hf_config(hf_dir)
     reader = HFCheckpointReader(hf_dir)
     model = build_stage(cfg, DTYPES[dtype], init=False)
-
-    def fill():
-        load_hf_into_stage(model, reader, cfg, progress if _rank0() else None)
-
-    def release():
-        for t in _stage_tensors(model).values():
-            t.untyped_storage().resize_(0)
-
-    return save_model_weights([model], out_dir, cfg, iteration=0, turns=(fill, release),
-                              args={"converted_from": os.path.abspath(hf_dir), "dtype": dtype})
+    source = _HFSource(model, reader, cfg, progress if _rank0() else None)
+    try:
+        return save_model_weights([model], out_dir, cfg, iteration=0, source=source,
+                                  args={"converted_from": os.path.abspath(hf_dir), "dtype": dtype})
+    finally:
+        reader.close()
 
 
 def checkpoint_dtype(ckpt_dir: str) -> torch.dtype:

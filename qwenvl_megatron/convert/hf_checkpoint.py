@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from typing import Callable, Iterable
 
@@ -63,6 +64,7 @@ class HFCheckpointReader:
     def __init__(self, path: str):
         self.path = path
         self._open = None  # (file, state dict) of the .bin file read last
+        self._lock = threading.Lock()
         self.weight_map = self._weight_map(path)
         missing = sorted({f for f in self.weight_map.values() if not os.path.isfile(f)})
         if missing:
@@ -120,11 +122,13 @@ class HFCheckpointReader:
                     return f.get_tensor(key)
                 except Exception:  # noqa: BLE001 - safetensors' own error type for a missing key
                     raise HFCheckpointError(f"{path} does not hold {key}, although the index says so") from None
-        if self._open is None or self._open[0] != path:
-            self._open = (path, _load_bin(path))
-        if key not in self._open[1]:
+        with self._lock:  # the checkpoint writer's threads read through one reader
+            if self._open is None or self._open[0] != path:
+                self._open = (path, _load_bin(path))
+            opened = self._open[1]
+        if key not in opened:
             raise HFCheckpointError(f"{path} does not hold {key}, although the index says so")
-        return self._open[1][key]
+        return opened[key]
 
     def close(self) -> None:
         self._open = None

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import heapq
 import glob
 import inspect
 import itertools
@@ -340,16 +341,16 @@ class _InProcessSaveStrategy(TorchDistSaveShardedStrategy):
     (BrokenPipeError); a forked writer inherited the trainer's SIGTERM handler; a SIGKILLed rank left them
     behind. Here none of them exists."""
 
-    turns = None  # (prepare, release): see _write_in_turns
+    source = None  # see save_model_weights: the data of each tensor, made when the writer reaches it
 
     def async_save(self, sharded_state_dict, checkpoint_dir):
         # prepare_write_data asks filesystem_async for the Manager's queue; hand it a placeholder instead
         # (replaced by a thread queue in _get_save_and_finalize_callbacks), so no Manager is started.
-        # With turns, the data is resolved in the rank's turn (megatron copies views while resolving: a
-        # copy taken before the turn would hold unfilled memory).
+        # With a source, nothing is resolved before the write (megatron copies views while resolving: that
+        # copy would read the stage's unfilled memory).
         before = filesystem_async._results_queue, filesystem_async.FileSystemWriterAsync.prepare_write_data
         filesystem_async._results_queue = _NO_MANAGER
-        if self.turns is not None:
+        if self.source is not None:
             filesystem_async.FileSystemWriterAsync.prepare_write_data = _defer_prepare
         try:
             return super().async_save(sharded_state_dict, checkpoint_dir)
@@ -358,9 +359,8 @@ class _InProcessSaveStrategy(TorchDistSaveShardedStrategy):
 
     def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
         request = super()._get_save_and_finalize_callbacks(writer, save_state_dict_ret)
-        if self.turns is not None:
-            return request._replace(async_fn=partial(_write_in_turns, self.turns, partial(_prepare_and_write, writer)),
-                                    async_fn_args=[None] * 3)
+        if self.source is not None:
+            return request._replace(async_fn=partial(_prepare_and_write, writer, self.source), async_fn_args=[])
         if request.async_fn is None:  # nothing to write on this rank
             return request
         writer.results_queue = queue.SimpleQueue()  # read back by writer.retrieve_write_results
@@ -374,22 +374,29 @@ _NO_MANAGER = object()
 
 
 def _defer_prepare(writer, plan, planner) -> None:
-    """FileSystemWriterAsync.prepare_write_data for a save in turns: nothing resolved before the turn."""
+    """FileSystemWriterAsync.prepare_write_data for a save from a source: nothing resolved yet."""
     writer._deferred = (plan, planner)
     writer.write_buckets, writer.results_queue = [], None
 
 
 class _CopiedWhenWritten:
-    """A bucket's tensors, each taken when the writer reaches it. torch.save writes a tensor's whole
-    storage, so megatron copies views; a contiguous view is instead aliased by a tensor whose storage is
-    exactly its bytes (same file, no copy); only a non-contiguous one is copied, one at a time."""
+    """A bucket's tensors, each taken when the writer reaches it: from `source` (the data for the
+    resolved tensor) if given, else the tensor itself. torch.save writes a tensor's whole storage, so
+    megatron copies views; a contiguous view is instead aliased by a tensor whose storage is exactly its
+    bytes (same file, no copy); only a non-contiguous one is copied, one at a time."""
 
-    def __init__(self, items: list):
-        self.items = items
+    def __init__(self, items: list, source=None):
+        self.items, self.source = items, source
 
     def __iter__(self):
         for item, t in self.items:
-            yield item, _exact_storage(t.detach())
+            data = t.detach()
+            if self.source is not None:
+                data = self.source(data)
+                if data.shape != t.shape or data.dtype != t.dtype:
+                    raise ValueError(f"checkpoint source gave {data.dtype} {tuple(data.shape)} for "
+                                     f"{item.index.fqn}, which is {t.dtype} {tuple(t.shape)}")
+            yield item, _exact_storage(data)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -409,49 +416,40 @@ def _exact_storage(t: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(raw, dtype=torch.uint8).view(t.dtype).view(t.shape)
 
 
-def _prepare_and_write(writer, *_) -> None:
-    """In the rank's turn: the buckets and file names of megatron's prepare_write_data, with the data
-    resolved now and views copied one at a time (`_CopiedWhenWritten`); then the write."""
+def _prepare_and_write(writer, source) -> None:
+    """megatron's prepare_write_data for a save from `source`, then the write: one file per writer thread,
+    each tensor's data taken only when the writer reaches it (`_CopiedWhenWritten`). The pieces of one
+    tensor (megatron writes the [gate; up] halves of fc1 as two) go to one thread, one after the other,
+    so a source that makes a tensor once holds it only while its pieces are written."""
     from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
     from torch.distributed.checkpoint.planner import WriteItemType
     plan, planner = writer._deferred
+    bins = max(1, writer.thread_count)
+    buckets = [([], []) for _ in range(bins)]
+    tensors: dict[int, list] = {}
+    for n, item in enumerate(plan.items):
+        data = planner.resolve_data(item)
+        if item.type == WriteItemType.BYTE_IO:
+            buckets[n % bins][0].append((item, data))
+        else:
+            tensors.setdefault(data.untyped_storage().data_ptr(), []).append((item, data))
+    load = [(0, b) for b in range(bins)]
+    for group in sorted(tensors.values(), key=lambda g: -sum(t.numel() * t.element_size() for _, t in g)):
+        size, b = heapq.heappop(load)
+        buckets[b][1].extend(group)
+        heapq.heappush(load, (size + sum(t.numel() * t.element_size() for _, t in group), b))
     writer.write_buckets = []
-    for bucket in filesystem_async._split_by_size_and_type(writer.thread_count, plan.items):
-        bytes_data = [(i, planner.resolve_data(i)) for i in bucket if i.type == WriteItemType.BYTE_IO]
-        tensor_data = [(i, planner.resolve_data(i)) for i in bucket if i.type != WriteItemType.BYTE_IO]
+    for bytes_data, tensor_data in buckets:
         if bytes_data or tensor_data:
             name = f"{plan.storage_data.prefix}{len(writer.write_buckets)}{DEFAULT_SUFFIX}"
             writer.write_buckets.append((os.path.join(writer.checkpoint_dir, name), name,
-                                         (bytes_data, _CopiedWhenWritten(tensor_data))))
+                                         (bytes_data, _CopiedWhenWritten(tensor_data, source))))
     writer.results_queue = None
     if writer.write_buckets:
         writer.results_queue = queue.SimpleQueue()
         transforms = [writer.transforms] if hasattr(writer, "transforms") else []
         _write_buckets(transforms, _rank(), writer.write_buckets, writer.results_queue)
-        # drop the data before the next rank fills its own
         writer.write_buckets = [(path, name, ([], [])) for path, name, _ in writer.write_buckets]
-
-
-def _write_in_turns(turns, write, *args) -> None:
-    """The ranks write one after another, each calling `prepare()` just before and `release()` just
-    after its write: a converter fills its stage in `prepare` and frees it in `release`, so one rank's
-    tensors are resident at a time (the data is only read here; planning needs shapes alone). An error
-    is raised after every rank's turn, so no rank waits for one that gave up."""
-    prepare, release = turns
-    error = None
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    for turn in range(world):
-        if turn == _rank():
-            try:
-                prepare()
-                if write is not None:
-                    write(*args)
-                release()
-            except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks' turns
-                error = e
-        _barrier()
-    if error is not None:
-        raise error
 
 
 def _write_buckets(transforms: list, rank: int, buckets: list, results_queue) -> None:
@@ -572,7 +570,7 @@ def verify_checksums(path: str) -> None:
 
 
 def _save(state: dict, save_dir: str, iteration: int, cfg: QwenVLConfig, move_marker: bool = True,
-          turns=None) -> str:
+          source=None) -> str:
     final = iter_dir(save_dir, iteration)
     tmp = final + ".tmp"
     what = f"saving checkpoint iteration {iteration}"
@@ -587,7 +585,7 @@ def _save(state: dict, save_dir: str, iteration: int, cfg: QwenVLConfig, move_ma
     _agree_ok(error, tmp, what)
     try:
         strategy = _InProcessSaveStrategy("torch_dist", 1)
-        strategy.turns = turns
+        strategy.source = source
         dist_checkpointing.save(state, tmp, sharded_strategy=strategy)
     # torch's CheckpointException derives from BaseException, not Exception
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised with errno, path, free space
@@ -641,13 +639,14 @@ def mark_proven(save_dir: str, iteration: int) -> None:
 
 
 def save_model_weights(model_chunks: list, save_dir: str, cfg: QwenVLConfig, iteration: int = 0,
-                       args: Any = None, turns=None) -> str:
+                       args: Any = None, source=None) -> str:
     """Weights only (converter output, or the hand-over between training stages). Collective. With
-    `turns=(prepare, release)` the ranks write one at a time, each filling its tensors in `prepare`
-    (see `_write_in_turns`)."""
+    `source`, the model's tensors give only names and shapes (a converter's stage, never filled): the
+    writer calls `source(t)` for each model tensor `t` (or a view of it) when it reaches it and writes
+    what it returns (same shape and dtype), so no rank ever holds more than the tensors being written."""
     state = {"model": _model_state(model_chunks), "iteration": iteration, "checkpoint_version": FORMAT_VERSION,
              "args": _plain(args), "layout": _layout()}
-    return _save(state, save_dir, iteration, cfg, turns=turns)
+    return _save(state, save_dir, iteration, cfg, source=source)
 
 
 def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, cfg: QwenVLConfig, optimizer,
