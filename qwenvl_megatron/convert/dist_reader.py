@@ -84,12 +84,25 @@ class DistCheckpointReader:
         return out
 
     def _read(self, info, key: str) -> torch.Tensor:
+        """One stored chunk as a tensor over the file's mapping (no copy: its pages are read as the export
+        writes them, and stay mapped only while the tensor lives). torch.save's record is opened for its
+        layout alone (map_location meta gives dtype, shape, strides and the data's offset in the record)."""
         from torch.distributed.checkpoint.filesystem import _create_file_view
         if info.transform_descriptors:
             raise DistCheckpointError(f"checkpoint {self.dir}: {key} is stored with transforms "
                                       f"{info.transform_descriptors}, which this reader does not apply")
-        with open(os.path.join(self.dir, info.relative_path), "rb") as f:
-            return torch.load(_create_file_view(f, info.offset, info.length), map_location="cpu", weights_only=True)
+        path = os.path.join(self.dir, info.relative_path)
+        with open(path, "rb") as f:
+            meta = torch.load(_create_file_view(f, info.offset, info.length), map_location="meta", weights_only=True)
+        if not isinstance(meta, torch.Tensor):
+            raise DistCheckpointError(f"checkpoint {self.dir}: {key} is stored as {type(meta).__name__}, not a tensor")
+        start = info.offset + meta.untyped_storage()._checkpoint_offset
+        nbytes = meta.untyped_storage().nbytes()
+        if start + nbytes > info.offset + info.length:
+            raise DistCheckpointError(f"checkpoint {self.dir}: {key}'s data runs past its record in {path}")
+        whole = torch.UntypedStorage.from_file(path, False, os.path.getsize(path))  # mapped (private), not read
+        out = torch.empty(0, dtype=meta.dtype)
+        return out.set_(whole[start:start + nbytes], meta.storage_offset(), meta.shape, meta.stride())
 
 
 def layer_keys_map(model) -> dict[str, str]:
