@@ -42,6 +42,42 @@ def test_bench_kernels_smoke(tmp_path):
     assert all({"M", "N", "K", "intensity", "tflops", "roof_tflops"} <= set(x) for x in g["gemms"])
 
 
+def test_bench_image_decode_smoke(tmp_path):
+    r = _run("bench_image_decode.py", tmp_path / "decode.json")
+    assert "pil-cpu" in r["images_per_s"] and r["images_per_s"]["pil-cpu"]["n"] == 2
+    assert r["images_per_s"]["pil-cpu"]["median"] > 0
+    assert set(r["images_per_s"]) | set(r["skipped"]) == {"pil-cpu", "dali-cpu", "dali-cuda"}
+
+
+def test_bench_gpu_without_a_gpu_says_so_and_runs_nothing(tmp_path):
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "bench_gpu.sh")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, CUDA_VISIBLE_DEVICES="", BENCH_OUT=str(tmp_path / "o")))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("no NVIDIA GPU found") and len(proc.stdout.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_gpu_runs_each_benchmark_and_reports_a_failure(tmp_path):
+    """With two (stand-in) GPUs: every benchmark once, the bubble and collectives too; a failing one is a
+    FAIL line and exit 1. The stand-in interpreter records its calls instead of running them."""
+    (tmp_path / "nvidia-smi").write_text('#!/bin/bash\necho "GPU 0: A"\necho "GPU 1: B"\n')
+    (tmp_path / "py").write_text(f'#!/bin/bash\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n'
+                                 f'echo "$@" >> {tmp_path}/calls\n[[ "$1" != *bench_comm* ]]\n')
+    for f in ("nvidia-smi", "py"):
+        os.chmod(tmp_path / f, 0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", PYTHON=str(tmp_path / "py"),
+               BENCH_OUT=str(tmp_path / "o"))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "bench_gpu.sh")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert [line.split()[:2] for line in proc.stdout.splitlines()] == [
+        ["OK", "kernels"], ["OK", "step"], ["OK", "image_decode"], ["FAIL", "comm"], ["OK", "bubble"]]
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0].startswith("tools/bench_kernels.py --paper-shapes --json ")
+    assert "tools/bench_comm.py --nproc 2 --json" in calls[3] and "--configs --pp 2 --json" in calls[4]
+
+
 def test_attention_and_gemm_shapes_are_the_models():
     from qwenvl_megatron.models.kernel_bench import attention_cases, attention_flops, gemm_shapes
     paper = {c["name"]: c for c in attention_cases(paper=True)}

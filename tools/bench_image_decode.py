@@ -1,17 +1,23 @@
 #!/usr/bin/env python
-"""Images per second of each available decode backend (Pillow threads, DALI CPU, DALI GPU).
+"""Images per second of each available decode backend (Pillow threads, DALI CPU, DALI GPU), interleaved.
 
-    python tools/bench_image_decode.py --num-images 256 --batch-size 32 --image-size 448 --source-size 640x480
+    python tools/bench_image_decode.py --json OUT.json [--num-images 256 --batch-size 32 --image-size 448
+                                       --source-size 640x480 --repeats 5]
 
 The images are photo-like JPEGs (smooth gradients + noise), made in memory, so the numbers measure
-decode + resize + normalise only. A backend that cannot run here is reported as skipped, with why.
+decode + resize + normalise only. Each repeat decodes every image once with every backend, the order
+rotated per repeat; the figures are the median img/s with min and max. A backend that cannot run here is
+reported as skipped, with why. OUT.json gets every figure and the machine; OUT.png plots img/s per repeat.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
-import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 # numpy, torch, Pillow and the package are imported where they are used: `--help` stays fast.
 
@@ -33,30 +39,19 @@ def make_jpegs(n: int, width: int, height: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def bench(transform, blobs: list[bytes], batch_size: int, repeats: int) -> float:
-    import torch
-
-    transform(blobs[:batch_size])  # warm-up: thread pool / pipeline build
-    if transform.device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        for i in range(0, len(blobs), batch_size):
-            transform(blobs[i:i + batch_size])
-    if transform.device.type == "cuda":
-        torch.cuda.synchronize()
-    return repeats * len(blobs) / (time.perf_counter() - t0)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", required=True, help="write the figures here (the PNG chart goes beside it)")
     p.add_argument("--num-images", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=448, help="output side S (448: stages 2-3, 224: stage 1)")
     p.add_argument("--source-size", default="640x480", help="WxH of the encoded JPEGs")
     p.add_argument("--num-threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--smoke", action="store_true", help="8 small images, seconds (the tests' mode)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.num_images, args.batch_size, args.image_size, args.source_size, args.repeats = 8, 4, 64, "96x64", 2
     try:
         w, h = (int(v) for v in args.source_size.lower().split("x"))
     except ValueError:
@@ -64,22 +59,39 @@ def main(argv=None) -> int:
     import torch
 
     from qwenvl_megatron.data.images import DALI_AVAILABLE, ImageTransform
+    from qwenvl_megatron.runtime import bench
 
     blobs = make_jpegs(args.num_images, w, h)
     print(f"{args.num_images} JPEGs {w}x{h} -> {args.image_size}x{args.image_size}, batch {args.batch_size}, "
           f"{args.num_threads} threads", flush=True)
-    runs = [("pil", "cpu"), ("dali", "cpu"), ("dali", "cuda")]
-    for backend, device in runs:
+    cases, skipped = {}, {}
+    for backend, device in (("pil", "cpu"), ("dali", "cpu"), ("dali", "cuda")):
         name = f"{backend}-{device}"
         if backend == "dali" and not DALI_AVAILABLE:
-            print(f"{name:10s} skipped: NVIDIA DALI does not import")
-            continue
-        if device == "cuda" and not torch.cuda.is_available():
-            print(f"{name:10s} skipped: no CUDA device")
-            continue
-        t = ImageTransform(args.image_size, backend=backend, num_threads=args.num_threads, device=device,
-                           max_batch_size=args.batch_size)
-        print(f"{name:10s} {bench(t, blobs, args.batch_size, args.repeats):8.1f} img/s", flush=True)
+            skipped[name] = "NVIDIA DALI does not import"
+        elif device == "cuda" and not torch.cuda.is_available():
+            skipped[name] = "no CUDA device"
+        else:
+            t = ImageTransform(args.image_size, backend=backend, num_threads=args.num_threads, device=device,
+                               max_batch_size=args.batch_size)
+            batches = [blobs[i:i + args.batch_size] for i in range(0, len(blobs), args.batch_size)]
+            # one timed call decodes every image; the device is synchronised around it
+            cases[name] = lambda t=t, batches=batches: [t(b) for b in batches]
+    for name, why in skipped.items():
+        print(f"{name:10s} skipped: {why}")
+    device = torch.device("cuda" if "dali-cuda" in cases else "cpu")
+    times = bench.interleaved(cases, device, args.repeats)
+    rates = {name: [args.num_images / s for s in ts] for name, ts in times.items()}
+    result = {"environment": bench.environment(device), "command": "tools/bench_image_decode.py " + " ".join(
+              argv if argv is not None else sys.argv[1:]), "num_images": args.num_images, "batch_size": args.batch_size,
+              "image_size": args.image_size, "source_size": [w, h], "num_threads": args.num_threads,
+              "images_per_s": {name: bench.summary(r) for name, r in rates.items()}, "skipped": skipped}
+    for name, r in result["images_per_s"].items():
+        print(f"{name:10s} {r['median']:8.1f} img/s (min {r['min']:.1f}, max {r['max']:.1f}, {r['n']} repeats)")
+    result["charts"] = [bench.chart(bench.png_path(args.json), {name: list(enumerate(r, 1)) for name, r in rates.items()},
+                                    title="image decode + resize + normalise", xlabel="repeat", ylabel="img/s")]
+    bench.write_json(args.json, result)
+    print(f"wrote {args.json} and {result['charts'][0]}")
     return 0
 
 

@@ -34,7 +34,7 @@ def _env():
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", required=True, help="write the figures here (the PNG charts go beside it)")
-    p.add_argument("--configs", nargs="+", default=["tiny", "small"], help="phase breakdown configs: tiny, small")
+    p.add_argument("--configs", nargs="*", default=["tiny", "small"], help="phase breakdown configs: tiny, small (none: skip)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per config (after one warm-up)")
     p.add_argument("--pp", type=int, nargs="*", default=[1, 2, 4], help="pipeline sizes for the bubble (none: skip)")
     p.add_argument("--bubble-config", default="pipeline")

@@ -34,26 +34,29 @@ def _is_glu_fc1(full_name: str) -> bool:
 
 
 def shard(full: torch.Tensor, local_like: torch.Tensor, full_name: str, tp_rank: int, tp: int) -> torch.Tensor:
-    """Cut this rank's piece of a full tensor, shaped like the local parameter."""
-    if not getattr(local_like, "tensor_model_parallel", False) or tp == 1:
-        if full_name in VOCAB_KEYS:  # padded rows (TP=1 still pads to a multiple of 128)
-            return _pad_rows(full, local_like.shape[0] * tp)[: local_like.shape[0]]
+    """Cut this rank's piece of a full tensor, shaped like the local parameter (a view of `full` where the
+    piece is one slice of it)."""
+    split = getattr(local_like, "tensor_model_parallel", False) and tp > 1
+    if full_name in VOCAB_KEYS:  # padded rows (TP 1 still pads to a multiple of 128)
+        rows = local_like.shape[0]
+        return _padded_rows(full, tp_rank * rows if split else 0, rows, rows * tp if split else rows)
+    if not split:
         return full
-    dim = local_like.partition_dim
-    if full_name in VOCAB_KEYS:
-        full = _pad_rows(full, local_like.shape[0] * tp)
     if _is_glu_fc1(full_name):
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]], dim=0)
-    return full.chunk(tp, dim=dim)[tp_rank]
+    return full.chunk(tp, dim=local_like.partition_dim)[tp_rank]
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    if t.shape[0] == rows:
-        return t
-    if t.shape[0] > rows:
-        raise ValueError(f"vocabulary of {t.shape[0]} rows does not fit the model's {rows}")
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+def _padded_rows(t: torch.Tensor, start: int, rows: int, total: int) -> torch.Tensor:
+    """Rows [start, start + rows) of `t` zero-padded to `total` rows; only a piece the padding reaches is a
+    copy (the full padded vocabulary is never made)."""
+    if t.shape[0] > total:
+        raise ValueError(f"vocabulary of {t.shape[0]} rows does not fit the model's {total}")
+    piece = t[start:start + rows]
+    if piece.shape[0] < rows:
+        piece = torch.cat([piece, piece.new_zeros(rows - piece.shape[0], *t.shape[1:])])
+    return piece
 
 
 @torch.no_grad()

@@ -113,6 +113,7 @@ def png_path(json_path: str, suffix: str = "") -> str:
 
 def chart(path: str, series: dict, **kwargs) -> str:
     """A line/point chart (runtime.png, no plotting package needed); returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     png.line_chart(path, series, **kwargs)
     return path
 

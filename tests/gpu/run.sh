@@ -14,21 +14,16 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 REPORT="${GPU_REPORT:-gpu_report.json}"
 case "$REPORT" in /*) ;; *) REPORT="$PWD/$REPORT" ;; esac
 
-# CUDA_VISIBLE_DEVICES="" hides the GPUs, as for CUDA itself.
-gpus=0
-if [ "${CUDA_VISIBLE_DEVICES-unset}" != "" ] && command -v nvidia-smi >/dev/null 2>&1; then
-  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
-fi
+source "$ROOT/tools/gpu_env.sh"
+gpus=$(gpu_count)
 if [ "$gpus" = 0 ]; then
   echo "no NVIDIA GPU found (nvidia-smi lists none, or CUDA_VISIBLE_DEVICES hides them): nothing checked, no report written"
   exit 0
 fi
 
-PY="$(command -v "${PYTHON:-python3}")" || { echo "FAIL setup no ${PYTHON:-python3} to run"; exit 1; }
-SITE="$ROOT/.gpu_site/$("$PY" -c 'import sys; print("py%d.%d" % sys.version_info[:2])')"
+use_gpu_site "$ROOT"  # PY, SITE; PYTHONPATH: the repo, then tests/gpu/site (.gpu_site after the machine's own)
 mkdir -p "$SITE"
-export QWENVL_GPU_SITE="$SITE" QWENVL_GPU_SETUP_LOG="$SITE/setup.log"
-export PYTHONPATH="$ROOT:$ROOT/tests/gpu/site${PYTHONPATH:+:$PYTHONPATH}"  # site/: .gpu_site after the machine's own
+export QWENVL_GPU_SETUP_LOG="$SITE/setup.log"
 export PYTHON="$PY"  # the interpreter of the stage scripts (examples/common.sh)
 cd "$ROOT"
 : > "$QWENVL_GPU_SETUP_LOG"
