@@ -49,6 +49,19 @@ def test_bench_image_decode_smoke(tmp_path):
     assert set(r["images_per_s"]) | set(r["skipped"]) == {"pil-cpu", "dali-cpu", "dali-cuda"}
 
 
+def test_bench_sampler_writes_json_and_png(tmp_path):
+    out = tmp_path / "sampler.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_sampler.py"), "--samples", "100000",
+                           "--datasets-sizes", "50000", "--dp-size", "2", "--measure-samples", "2000",
+                           "--random-lookups", "100", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert [row["rank"] for row in r["ranks"]] == [0, 1] and all(row["lookup_range_per_s"] > 0 for row in r["ranks"])
+    with open(r["charts"][0], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_bench_gpu_without_a_gpu_says_so_and_runs_nothing(tmp_path):
     proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "bench_gpu.sh")], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60, env=dict(os.environ, CUDA_VISIBLE_DEVICES="", BENCH_OUT=str(tmp_path / "o")))

@@ -4,7 +4,10 @@
 Each rank runs in its own process (as in training), builds the order, resumes at a point deep into the
 run, walks its micro batches, and reports its resident memory (psutil RSS).
 
-    python tools/bench_sampler.py --samples 1540000000 --datasets-sizes 1400000000
+    python tools/bench_sampler.py --samples 1540000000 --datasets-sizes 1400000000 [--json OUT.json]
+
+With --json, every rank's figures, the machine and versions go to OUT.json and a chart of the rates per
+rank to OUT.png.
 """
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ import multiprocessing as mp
 import os
 import sys
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
 def run_rank(rank: int, args: argparse.Namespace, queue) -> None:
@@ -65,6 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--measure-samples", type=int, default=2_000_000, help="samples walked per rank")
     p.add_argument("--random-lookups", type=int, default=100_000)
     p.add_argument("--parallel-ranks", type=int, default=2, help="rank processes run at the same time")
+    p.add_argument("--json", default=None, help="also write the figures here (the PNG chart goes beside it)")
     args = p.parse_args(argv)
     print(f"[bench_sampler] {args.samples} samples over datasets {args.datasets_sizes} "
           f"(weights {args.weights or 'equal'}), DP {args.dp_size} x micro batch {args.micro_batch_size}",
@@ -87,6 +94,20 @@ def main(argv=None) -> int:
         print(f"rank {rank}: setup+resume {setup * 1e3:.2f} ms | micro-batch walk {micro / 1e6:.2f} M samples/s | "
               f"lookup_range {rng_rate / 1e6:.2f} M samples/s | random lookup {rnd / 1e3:.0f} k/s | "
               f"RSS {rss / 2**20:.1f} MiB (interpreter+imports before order {rss0 / 2**20:.1f} MiB)")
+    if args.json:
+        from qwenvl_megatron.runtime import bench
+        ranks = [{"rank": r, "setup_s": setup, "micro_batch_walk_per_s": micro, "random_lookup_per_s": rnd,
+                  "lookup_range_per_s": rng_rate, "rss_bytes": rss, "rss_before_order_bytes": rss0}
+                 for r, setup, micro, rnd, rng_rate, rss, rss0 in sorted(results)]
+        series = {label: [(row["rank"], row[key] / 1e6) for row in ranks] for label, key in (
+            ("micro-batch walk", "micro_batch_walk_per_s"), ("lookup_range", "lookup_range_per_s"),
+            ("random lookup", "random_lookup_per_s"))}
+        result = {"environment": bench.environment(), "command": "tools/bench_sampler.py " + " ".join(
+                  argv if argv is not None else sys.argv[1:]), "args": {k: v for k, v in vars(args).items() if k != "json"},
+                  "ranks": ranks, "charts": [bench.chart(bench.png_path(args.json), series, title="sample order per rank",
+                                                         xlabel="rank", ylabel="M samples/s", lines=False)]}
+        bench.write_json(args.json, result)
+        print(f"wrote {args.json} and {result['charts'][0]}")
     return 0
 
 
