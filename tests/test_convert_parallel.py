@@ -7,6 +7,7 @@
 - The reference model loaded from the exported HF directory gives the Megatron checkpoint's logits.
 - KV-cache greedy decoding equals decoding without the cache (tokens, and logits within 1e-5).
 """
+import glob
 import json
 import os
 import subprocess
@@ -113,6 +114,8 @@ def assert_bitwise_equal(got, want):
 
 def test_round_trip_tp2pp2_is_bit_exact(work):
     assert_bitwise_equal(read_hf_dir(f"{work['dir']}/hf_back"), work["hf"])
+    # every rank wrote its share of its stage's tensors: one file each (the shard limit is 5 GiB)
+    assert len(glob.glob(f"{work['dir']}/hf_back/model-*.safetensors")) == 4
     with open(f"{work['dir']}/hf_back/config.json") as f:
         config = json.load(f)
     assert {k: config[k] for k in CFG} == CFG and config["torch_dtype"] == "float32"  # the rest: test_convert.py

@@ -37,12 +37,6 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _writer_rank() -> bool:
-    """One writer per pipeline stage: TP rank 0 of data-parallel replica 0."""
-    return (parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0)
-
-
 def build_stage(cfg: QwenVLConfig, dtype: torch.dtype, init: bool = True) -> QwenVLModel:
     """This rank's pipeline stage of the model under the current parallel state, in eval mode. With
     `init=False` megatron's weights are allocated but not initialised (for a caller that fills them all:
@@ -254,6 +248,17 @@ def load_mcore_stage(load: str) -> tuple[QwenVLConfig, QwenVLModel]:
     return cfg, model
 
 
+def _share(groups: list, size: Callable, n: int) -> list[list]:
+    """`groups` dealt to `n` writers, each next group (largest first) to the writer with the fewest bytes;
+    each writer's share keeps the groups' own order. The same on every rank."""
+    load, shares = [0] * n, [[] for _ in range(n)]
+    for i in sorted(range(len(groups)), key=lambda i: -size(groups[i][0])):
+        w = min(range(n), key=lambda w: (load[w], w))
+        shares[w].append(i)
+        load[w] += size(groups[i][0])
+    return [[groups[i] for i in sorted(share)] for share in shares]
+
+
 @torch.no_grad()
 def mcore_to_hf(load: str, out_dir: str, dtype: str | None = None, tokenizer_file: str | None = None,
                 max_shard_bytes: int = 5 * 2 ** 30, progress: Callable | None = None,
@@ -261,10 +266,11 @@ def mcore_to_hf(load: str, out_dir: str, dtype: str | None = None, tokenizer_fil
     """Megatron checkpoint -> HF directory (config.json with the release's fields and an `auto_map` into
     `code_repo`, generation_config.json, safetensors shards + index, tokenizer file and config).
 
-    Nothing is loaded into a model: the writer of each pipeline stage (TP rank 0) reads its stage's
-    tensors one group at a time in full form straight from the checkpoint files (any saved layout),
-    maps them and streams them into its shard files, whose headers are known in advance. Every file is
-    first checked against the checkpoint's checksums. Returns the index on global rank 0."""
+    Nothing is loaded into a model: the tensor-parallel ranks of each pipeline stage (data-parallel
+    replica 0) share its tensor groups by bytes (`_share`); each reads its groups one at a time in full
+    form straight from the checkpoint files (any saved layout), maps them and streams them into its own
+    shard files, whose headers are known in advance. Every file is first checked against the
+    checkpoint's checksums. Returns the index on global rank 0."""
     from ..training.checkpoint import read_model_config, resolve_checkpoint_dir, verify_checksums
     from .dist_reader import DistCheckpointReader, layer_keys_map
 
@@ -276,11 +282,14 @@ def mcore_to_hf(load: str, out_dir: str, dtype: str | None = None, tokenizer_fil
     names, keys_map = rank_model_keys(stage), layer_keys_map(stage)
     del stage
     out_dtype = DTYPES[dtype] if dtype else checkpoint_dtype(ckpt)
-    if _writer_rank():
-        groups = _source_groups(cfg, names)
+    if parallel_state.get_data_parallel_rank() == 0:
+        tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
         shapes = hf_key_shapes(cfg)
+        size = lambda srcs: sum(_nbytes(torch.empty(shapes[hk][0], dtype=out_dtype, device="meta")) for hk in srcs)
+        groups = _share(_source_groups(cfg, names), size, tp)[tp_rank]
         specs = [(hk, shapes[hk][0], out_dtype) for srcs, _ in groups for hk in srcs]
-        writer = HFShardWriter(out_dir, specs, parallel_state.get_pipeline_model_parallel_rank(), max_shard_bytes)
+        part = parallel_state.get_pipeline_model_parallel_rank() * tp + tp_rank
+        writer = HFShardWriter(out_dir, specs, part, max_shard_bytes)
         meter = _Meter(progress if _rank0() else None, len(specs),
                        sum(_nbytes(torch.empty(s, dtype=d, device="meta")) for _, s, d in specs), "written")
         for srcs, mks in groups:
