@@ -13,6 +13,7 @@ local spec maps its norm keys to TE's fused names), and it needs no GPU.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import os
 import threading
@@ -174,7 +175,7 @@ class _HFSource:
             if start < end:
                 raise RuntimeError(f"stage tensors {a} and {b} share memory")
         self.spans, self.starts = spans, [s for s, _, _ in spans]
-        self.made: dict[str, list] = {}  # model key -> [lock, piece, elements not yet written]
+        self.made: dict[str, _Piece] = {}  # model key -> its piece while parts of it are still to write
         # a tensor replicated over TP is written by TP rank 0 only: the other ranks' meters end short of 100%
         self.meter = _Meter(progress, len(self.dst_of), sum(_nbytes(t) for t in self.dst_of.values()), "written")
         self.lock = threading.Lock()
@@ -193,20 +194,27 @@ class _HFSource:
         mk = self._stage_tensor_of(t)
         dst = self.dst_of[mk]
         with self.lock:
-            entry = self.made.setdefault(mk, [threading.Lock(), None, dst.numel()])
-        with entry[0]:
-            if entry[1] is None:
+            entry = self.made.setdefault(mk, _Piece(threading.Lock(), None, dst.numel()))
+        with entry.lock:
+            if entry.tensor is None:
                 piece = _hf_piece(mk, dst, self.sources[mk], self.reader, self.cfg, self.tp_rank, self.tp)
-                entry[1] = piece.to(dst.dtype).contiguous()
-            piece = entry[1]
-            entry[2] -= t.numel()
-            done = entry[2] == 0
+                entry.tensor = piece.to(dst.dtype).contiguous()
+            piece = entry.tensor
+            entry.left -= t.numel()
+            done = entry.left == 0
         if done:
             with self.lock:
                 del self.made[mk]
                 self.meter.add(1, _nbytes(dst))
         offset = (t.data_ptr() - dst.data_ptr()) // dst.element_size()
         return piece.as_strided(t.shape, t.stride(), piece.storage_offset() + offset)
+
+
+@dataclasses.dataclass
+class _Piece:
+    lock: threading.Lock
+    tensor: torch.Tensor | None  # made on the first request
+    left: int  # elements not yet handed to the writer
 
 
 def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "fp32", progress: Callable | None = None) -> str:
