@@ -33,8 +33,11 @@ from .step import build_model, forward_backward, unwrap
 
 
 def log(msg: str) -> None:
+    """Rank 0's line, in one write: unbuffered (python -u), print writes the text and the newline apart,
+    and another rank's output sharing the stream could land between them."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(msg, flush=True)
+        sys.stdout.write(f"{msg}\n")
+        sys.stdout.flush()
 
 
 class StopRequest:
