@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import heapq
 import glob
+import heapq
 import inspect
 import itertools
 import json
