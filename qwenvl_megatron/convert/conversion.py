@@ -117,16 +117,18 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _hf_piece(mk: str, like: torch.Tensor, srcs, reader: HFCheckpointReader, cfg: QwenVLConfig, tp_rank: int,
-              tp: int, made: dict | None = None) -> torch.Tensor:
-    """This rank's piece of model tensor `mk` (shaped like `like`), made from its HF tensors `srcs` (or
-    taken from `made`, the group's mapped tensors)."""
-    full = made if made is not None else hf_to_model({k: reader.get(k) for k in srcs}, cfg, partial=True)
+def _piece(mk: str, like: torch.Tensor, full: dict[str, torch.Tensor], tp_rank: int, tp: int) -> torch.Tensor:
+    """This rank's piece of model tensor `mk`, shaped like `like`, cut from `full` (mapped HF tensors)."""
     piece = shard(full[mk], like, mk, tp_rank, tp)
     if piece.shape != like.shape:
         raise HFCheckpointError(f"{mk}: source shape {tuple(piece.shape)} does not fit "
                                 f"{tuple(like.shape)} (tp rank {tp_rank}/{tp})")
     return piece
+
+
+def _read_mapped(reader: HFCheckpointReader, srcs, cfg: QwenVLConfig) -> dict[str, torch.Tensor]:
+    """The HF tensors `srcs` read and mapped to the model tensors they make (full form)."""
+    return hf_to_model({k: reader.get(k) for k in srcs}, cfg, partial=True)
 
 
 @torch.no_grad()
@@ -142,11 +144,11 @@ def load_hf_into_stage(model: QwenVLModel, reader: HFCheckpointReader, cfg: Qwen
     meter = _Meter(progress, len(dst_of), sum(_nbytes(t) for t in dst_of.values()), "filled")
     try:
         for srcs, mks in groups:
-            made = hf_to_model({k: reader.get(k) for k in srcs}, cfg, partial=True)
+            full = _read_mapped(reader, srcs, cfg)
             for mk in mks:
-                dst_of[mk].copy_(_hf_piece(mk, dst_of[mk], srcs, reader, cfg, tp_rank, tp, made))  # casts
+                dst_of[mk].copy_(_piece(mk, dst_of[mk], full, tp_rank, tp))  # casts
                 meter.add(1, _nbytes(dst_of[mk]))
-            del made
+            del full
     finally:
         reader.close()
 
@@ -197,8 +199,8 @@ class _HFSource:
             entry = self.made.setdefault(mk, _Piece(threading.Lock(), None, dst.numel()))
         with entry.lock:
             if entry.tensor is None:
-                piece = _hf_piece(mk, dst, self.sources[mk], self.reader, self.cfg, self.tp_rank, self.tp)
-                entry.tensor = piece.to(dst.dtype).contiguous()
+                full = _read_mapped(self.reader, self.sources[mk], self.cfg)
+                entry.tensor = _piece(mk, dst, full, self.tp_rank, self.tp).to(dst.dtype).contiguous()
             piece = entry.tensor
             entry.left -= t.numel()
             done = entry.left == 0
@@ -369,11 +371,7 @@ def _load_all_but(model: QwenVLModel, full: dict[str, torch.Tensor], keep_prefix
             continue
         if gname not in full:
             raise HFCheckpointError(f"nothing to initialise {gname} from")
-        src = shard(full[gname], local[name], gname, tp_rank, tp)
-        if src.shape != local[name].shape:
-            raise HFCheckpointError(f"{gname}: source shape {tuple(src.shape)} does not fit "
-                                    f"{tuple(local[name].shape)}")
-        local[name].copy_(src)
+        local[name].copy_(_piece(gname, local[name], full, tp_rank, tp))
 
 
 def import_init(qwen7b_dir: str, openclip_path: str, out_dir: str, cfg: QwenVLConfig, dtype: str = "fp32",
