@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/performance.md (issue 11) in one call, on a machine with NVIDIA GPUs:
 #
-#     bash tools/bench_gpu.sh            # after `bash tests/gpu/run.sh`, which installs TE/DALI into .gpu_site/
+#     bash tools/bench_gpu.sh     # after `bash tests/gpu/run.sh`, or alone: it sets up what is missing as run.sh does
 #
 # Runs, each time-boxed (about 6 minutes in all on one GPU): kernels at the paper's shapes in bf16
 # (bench_kernels --paper-shapes), a training step's phases for the tiny and small configs (bench_step),
@@ -23,6 +23,9 @@ fi
 use_gpu_site "$ROOT"  # what tests/gpu/run.sh installed (TE, DALI, megatron-core) is found through SITE
 mkdir -p "$OUT"
 cd "$ROOT"
+export QWENVL_GPU_SETUP_LOG="$OUT/setup.log"
+: > "$QWENVL_GPU_SETUP_LOG"
+gpu_setup  # quick after run.sh on the same machine; on a fresh one as run.sh does it (QWENVL_WHEELS too)
 failed=0
 
 # bench NAME SECONDS ARGS...: one benchmark, its output in $OUT/NAME.log

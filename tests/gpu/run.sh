@@ -29,41 +29,7 @@ cd "$ROOT"
 : > "$QWENVL_GPU_SETUP_LOG"
 echo "[gpu] $gpus GPU(s); setting up with $PY in $SITE (log: $QWENVL_GPU_SETUP_LOG)" >&2
 
-# install MODULE SECONDS PIP-ARGS...: pip into $SITE unless MODULE imports already; the outcome goes to the log.
-install() {
-  local mod=$1 secs=$2 rc=0
-  shift 2
-  if "$PY" -c "import $mod" >/dev/null 2>&1; then echo "$mod: present" >>"$QWENVL_GPU_SETUP_LOG"; return; fi
-  local src=()
-  [ -n "${QWENVL_WHEELS:-}" ] && src=(--no-index --find-links "$QWENVL_WHEELS")
-  echo "[gpu] pip install $* (at most $secs s)" >&2
-  timeout "$secs" "$PY" -m pip install --disable-pip-version-check -q --target "$SITE" ${src[@]+"${src[@]}"} "$@" \
-    >>"$SITE/pip.log" 2>&1 || rc=$?
-  if "$PY" -c "import $mod" >/dev/null 2>&1; then
-    echo "$mod: installed ($*)" >>"$QWENVL_GPU_SETUP_LOG"
-  else
-    echo "$mod: NOT installed: pip exit $rc$([ "$rc" = 124 ] && echo " (timed out after $secs s)"), see $SITE/pip.log" \
-      >>"$QWENVL_GPU_SETUP_LOG"
-  fi
-}
-# --no-deps where a dependency is torch (pip --target would download torch again); DALI with its own.
-install packaging 120 --no-deps --only-binary=:all: packaging
-install psutil 120 --no-deps --only-binary=:all: psutil
-install megatron.core 180 --no-deps --only-binary=:all: "megatron-core==0.16.1"
-install nvidia.dali 240 --only-binary=:all: "${QWENVL_DALI:-nvidia-dali-cuda120==2.4.0}"
-install setuptools 120 --no-deps --only-binary=:all: setuptools  # for build_ext on Pythons without it
-if [ "${QWENVL_GPU_INSTALL_TE:-0}" = 1 ]; then
-  cu=$("$PY" -c "import torch; print((torch.version.cuda or '12').split('.')[0])")
-  install transformer_engine.pytorch "${QWENVL_TE_TIMEOUT_S:-1800}" --no-deps --no-build-isolation einops \
-    "transformer-engine>=2.9,<2.12" "transformer-engine-cu$cu>=2.9,<2.12" "transformer-engine-torch>=2.9,<2.12"
-fi
-
-echo "[gpu] building the C++ extension in place" >&2
-if timeout 300 "$PY" setup.py -q build_ext --inplace >"$SITE/build.log" 2>&1; then
-  echo "C++ extension: built" >>"$QWENVL_GPU_SETUP_LOG"
-else
-  echo "C++ extension: build FAILED, see $SITE/build.log" >>"$QWENVL_GPU_SETUP_LOG"
-fi
+gpu_setup
 cat "$QWENVL_GPU_SETUP_LOG" >&2
 
 left=$(( ${QWENVL_GPU_BUDGET_S:-470} - (SECONDS - start) ))
