@@ -28,7 +28,7 @@ from ..models.config import QwenVLConfig, qwen_vl_7b
 from ..models.parallel import ParallelPlan
 from ..models.qwen_vl import QwenVLModel
 from .hf_checkpoint import (DEFAULT_CODE_REPO, DTYPES, HFCheckpointError, HFCheckpointReader, HFShardWriter, check_against_config,
-                            finalize_hf_dir, read_hf_config)
+                            finalize_hf_dir, read_hf_config, spec_nbytes)
 from .hf_layout import hf_key_shapes, hf_keys, hf_sources, hf_to_model, model_to_hf
 from .openclip import check_openclip, imported_openclip_keys, openclip_to_model, read_openclip_visual
 from .sharding import VOCAB_KEYS, _global_names, shard
@@ -81,15 +81,21 @@ def _stage_tensors(model: QwenVLModel) -> dict[str, torch.Tensor]:
     return {g: local[n] for n, g in _global_names(model).items()}
 
 
-def _source_groups(cfg: QwenVLConfig, model_keys) -> list[tuple[tuple[str, ...], list[str]]]:
-    """The model tensors grouped by the HF tensors they are made of (one HF tensor -> the adapter's q, k,
-    v; w2 + w1 -> one linear_fc1): the unit a streaming conversion reads, maps and writes at once."""
+def _sources_for(cfg: QwenVLConfig, model_keys) -> dict[str, tuple[str, ...]]:
+    """Model key -> the HF keys it is made of, for each of `model_keys` (one without any is an error)."""
     sources = hf_sources(cfg)
-    groups: dict[tuple[str, ...], list[str]] = {}
     for mk in model_keys:
         if mk not in sources:
             raise HFCheckpointError(f"model tensor {mk} has no HF source")
-        groups.setdefault(sources[mk], []).append(mk)
+    return {mk: sources[mk] for mk in model_keys}
+
+
+def _source_groups(cfg: QwenVLConfig, model_keys) -> list[tuple[tuple[str, ...], list[str]]]:
+    """The model tensors grouped by the HF tensors they are made of (one HF tensor -> the adapter's q, k,
+    v; w2 + w1 -> one linear_fc1): the unit a streaming conversion reads, maps and writes at once."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for mk, srcs in _sources_for(cfg, model_keys).items():
+        groups.setdefault(srcs, []).append(mk)
     return list(groups.items())
 
 
@@ -111,10 +117,6 @@ class _Meter:
             rate = self.bytes / max(now - self.start, 1e-9) / 2 ** 20
             self.progress(self.done, self.total, f"tensors, {self.bytes / 2 ** 30:.2f}/"
                           f"{self.total_bytes / 2 ** 30:.2f} GB {self.verb}, {rate:.0f} MB/s")
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def _piece(mk: str, like: torch.Tensor, full: dict[str, torch.Tensor], tp_rank: int, tp: int) -> torch.Tensor:
@@ -141,13 +143,13 @@ def load_hf_into_stage(model: QwenVLModel, reader: HFCheckpointReader, cfg: Qwen
     dst_of = _stage_tensors(model)
     groups = _source_groups(cfg, dst_of)
     groups.sort(key=lambda g: (reader.weight_map.get(g[0][0], ""), g[0]))
-    meter = _Meter(progress, len(dst_of), sum(_nbytes(t) for t in dst_of.values()), "filled")
+    meter = _Meter(progress, len(dst_of), sum(t.nbytes for t in dst_of.values()), "filled")
     try:
         for srcs, mks in groups:
             full = _read_mapped(reader, srcs, cfg)
             for mk in mks:
                 dst_of[mk].copy_(_piece(mk, dst_of[mk], full, tp_rank, tp))  # casts
-                meter.add(1, _nbytes(dst_of[mk]))
+                meter.add(1, dst_of[mk].nbytes)
             del full
     finally:
         reader.close()
@@ -168,25 +170,22 @@ class _HFSource:
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.dst_of = _stage_tensors(model)
-        self.sources = hf_sources(cfg)
-        for mk in self.dst_of:
-            if mk not in self.sources:
-                raise HFCheckpointError(f"model tensor {mk} has no HF source")
-        spans = sorted((t.data_ptr(), t.data_ptr() + _nbytes(t), mk) for mk, t in self.dst_of.items() if t.numel())
+        self.sources = _sources_for(cfg, self.dst_of)
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes, mk) for mk, t in self.dst_of.items() if t.numel())
         for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
             if start < end:
                 raise RuntimeError(f"stage tensors {a} and {b} share memory")
         self.spans, self.starts = spans, [s for s, _, _ in spans]
         self.made: dict[str, _Piece] = {}  # model key -> its piece while parts of it are still to write
         # a tensor replicated over TP is written by TP rank 0 only: the other ranks' meters end short of 100%
-        self.meter = _Meter(progress, len(self.dst_of), sum(_nbytes(t) for t in self.dst_of.values()), "written")
+        self.meter = _Meter(progress, len(self.dst_of), sum(t.nbytes for t in self.dst_of.values()), "written")
         self.lock = threading.Lock()
 
     def _stage_tensor_of(self, t: torch.Tensor) -> str:
         i = bisect.bisect_right(self.starts, t.data_ptr()) - 1
         if i >= 0:
             start, end, mk = self.spans[i]
-            if t.data_ptr() + _nbytes(t) <= end and t.is_contiguous():
+            if t.data_ptr() + t.nbytes <= end and t.is_contiguous():
                 return mk
         raise HFCheckpointError(f"the checkpoint writer asked for a tensor of shape {tuple(t.shape)} that is "
                                 "no part of this stage's model tensors")
@@ -207,7 +206,7 @@ class _HFSource:
         if done:
             with self.lock:
                 del self.made[mk]
-                self.meter.add(1, _nbytes(dst))
+                self.meter.add(1, dst.nbytes)
         offset = (t.data_ptr() - dst.data_ptr()) // dst.element_size()
         return piece.as_strided(t.shape, t.stride(), piece.storage_offset() + offset)
 
@@ -259,14 +258,9 @@ def load_mcore_stage(load: str) -> tuple[QwenVLConfig, QwenVLModel]:
 
 
 def _share(groups: list, size: Callable, n: int) -> list[list]:
-    """`groups` dealt to `n` writers, each next group (largest first) to the writer with the fewest bytes;
-    each writer's share keeps the groups' own order. The same on every rank."""
-    load, shares = [0] * n, [[] for _ in range(n)]
-    for i in sorted(range(len(groups)), key=lambda i: -size(groups[i][0])):
-        w = min(range(n), key=lambda w: (load[w], w))
-        shares[w].append(i)
-        load[w] += size(groups[i][0])
-    return [[groups[i] for i in sorted(share)] for share in shares]
+    """`groups` dealt to `n` writers by bytes (`deal`); each writer's share keeps the groups' own order."""
+    from ..training.checkpoint import deal
+    return [[groups[i] for i in sorted(share)] for share in deal([size(srcs) for srcs, _ in groups], n)]
 
 
 @torch.no_grad()
@@ -295,13 +289,13 @@ def mcore_to_hf(load: str, out_dir: str, dtype: str | None = None, tokenizer_fil
     if parallel_state.get_data_parallel_rank() == 0:
         tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
         shapes = hf_key_shapes(cfg)
-        size = lambda srcs: sum(_nbytes(torch.empty(shapes[hk][0], dtype=out_dtype, device="meta")) for hk in srcs)
+        size = lambda srcs: sum(spec_nbytes(shapes[hk][0], out_dtype) for hk in srcs)
         groups = _share(_source_groups(cfg, names), size, tp)[tp_rank]
         specs = [(hk, shapes[hk][0], out_dtype) for srcs, _ in groups for hk in srcs]
         part = parallel_state.get_pipeline_model_parallel_rank() * tp + tp_rank
         writer = HFShardWriter(out_dir, specs, part, max_shard_bytes)
         meter = _Meter(progress if _rank0() else None, len(specs),
-                       sum(_nbytes(torch.empty(s, dtype=d, device="meta")) for _, s, d in specs), "written")
+                       sum(spec_nbytes(s, d) for _, s, d in specs), "written")
         for srcs, mks in groups:
             full = {}
             for mk in mks:
@@ -312,7 +306,7 @@ def mcore_to_hf(load: str, out_dir: str, dtype: str | None = None, tokenizer_fil
             for hk in srcs:
                 t = hf.pop(hk).to(out_dtype)
                 writer.add(hk, t)
-                meter.add(1, _nbytes(t))
+                meter.add(1, t.nbytes)
             del hf
         writer.flush()
     if dist.is_initialized():

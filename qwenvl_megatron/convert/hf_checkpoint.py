@@ -8,6 +8,7 @@ conversion holds only its own share of a 9.6B-parameter model. Writes safetensor
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -208,11 +209,9 @@ _ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
              torch.int64: "I64", torch.int32: "I32"}
 
 
-def _nbytes(shape, dtype: torch.dtype) -> int:
-    n = torch.empty((), dtype=dtype, device="cpu").element_size()
-    for d in shape:
-        n *= d
-    return n
+def spec_nbytes(shape, dtype: torch.dtype) -> int:
+    """Bytes of a tensor of `shape` and `dtype`."""
+    return math.prod(shape) * dtype.itemsize
 
 
 class HFShardWriter:
@@ -228,7 +227,7 @@ class HFShardWriter:
         self._files: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = []
         size = 0
         for key, shape, dtype in specs:
-            n = _nbytes(shape, dtype)
+            n = spec_nbytes(shape, dtype)
             if not self._files or (size + n > max_shard_bytes and self._files[-1]):
                 self._files.append([])
                 size = 0
@@ -248,7 +247,7 @@ class HFShardWriter:
         specs = self._files[self._file_index]
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for key, shape, dtype in specs:
-            n = _nbytes(shape, dtype)
+            n = spec_nbytes(shape, dtype)
             header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()

@@ -416,6 +416,17 @@ def _exact_storage(t: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(raw, dtype=torch.uint8).view(t.dtype).view(t.shape)
 
 
+def deal(sizes: list[int], bins: int) -> list[list[int]]:
+    """The indices of `sizes` dealt to `bins`: largest first, each to the bin with the fewest bytes so far
+    (ties: the lower bin), so every rank that deals the same sizes gets the same bins."""
+    load, out = [(0, b) for b in range(bins)], [[] for _ in range(bins)]
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        total, b = heapq.heappop(load)
+        out[b].append(i)
+        heapq.heappush(load, (total + sizes[i], b))
+    return out
+
+
 def _prepare_and_write(writer, source) -> None:
     """megatron's prepare_write_data for a save from `source`, then the write: one file per writer thread,
     each tensor's data taken only when the writer reaches it (`_CopiedWhenWritten`). The pieces of one
@@ -433,11 +444,10 @@ def _prepare_and_write(writer, source) -> None:
             buckets[n % bins][0].append((item, data))
         else:
             tensors.setdefault(data.untyped_storage().data_ptr(), []).append((item, data))
-    load = [(0, b) for b in range(bins)]
-    for group in sorted(tensors.values(), key=lambda g: -sum(t.numel() * t.element_size() for _, t in g)):
-        size, b = heapq.heappop(load)
-        buckets[b][1].extend(group)
-        heapq.heappush(load, (size + sum(t.numel() * t.element_size() for _, t in group), b))
+    groups = list(tensors.values())
+    for b, share in enumerate(deal([sum(t.nbytes for _, t in g) for g in groups], bins)):
+        for i in share:
+            buckets[b][1].extend(groups[i])
     writer.write_buckets = []
     for bytes_data, tensor_data in buckets:
         if bytes_data or tensor_data:
